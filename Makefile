@@ -1,0 +1,50 @@
+# Routine tasks. `make help` lists them.
+PY ?= python
+PIP ?= $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+
+.PHONY: help install install-torch test test-fast lint format bench bench-full bench-regress plot clean
+
+help:
+	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
+	@echo "test          the whole test suite (the README's test command)"
+	@echo "test-fast     the suite without the hypothesis fuzzing and gradcheck"
+	@echo "lint          ruff check + ruff format --check"
+	@echo "format        ruff format + ruff check --fix"
+	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
+	@echo "bench-full    the headline benchmark over the whole grid"
+	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
+	@echo "clean         remove build products"
+
+install-torch:
+	$(PIP) install "torch==$(TORCH_VERSION)"
+
+install: install-torch
+	$(PIP) install "setuptools>=77" wheel ninja
+	$(PIP) install -e ".[dev]" --no-build-isolation
+
+test:
+	$(PY) -m pytest
+
+test-fast:
+	$(PY) -m pytest -k "not fuzz and not gradcheck"
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench:
+	$(PY) benchmarks/mask_attention.py
+
+bench-full:
+	$(PY) benchmarks/mask_attention.py --full
+
+bench-regress:
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build dist *.egg-info qstar_kernels/*.so .pytest_cache .hypothesis .benchmarks

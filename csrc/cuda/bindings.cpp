@@ -1,0 +1,50 @@
+// Torch glue of the CUDA extension (qstar_kernels._C_cuda). The kernels live in the .cu files and
+// take raw pointers; this file checks inputs and launches them on the current stream.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+namespace qstar {
+cudaError_t launch_thought_mask(const bool* keep, bool* mask, int64_t B, int64_t L, int64_t depth,
+                                int64_t window, cudaStream_t stream);
+}
+
+namespace {
+
+at::Tensor build_thought_mask_cuda(const std::optional<at::Tensor>& keep, int64_t B, int64_t L,
+                                   int64_t depth, int64_t window, c10::Device device) {
+  TORCH_CHECK(L >= 1, "build_thought_mask_cuda: L must be >= 1, got ", L);
+  TORCH_CHECK(depth >= 0, "build_thought_mask_cuda: depth must be >= 0, got ", depth);
+  TORCH_CHECK(B >= 1, "build_thought_mask_cuda: B must be >= 1, got ", B);
+  TORCH_CHECK(device.is_cuda(), "build_thought_mask_cuda: device must be a CUDA device, got ", device);
+  const bool* keep_ptr = nullptr;
+  at::Tensor keep_c;
+  if (keep.has_value()) {
+    const auto& k = *keep;
+    TORCH_CHECK(k.is_cuda() && k.device() == device, "build_thought_mask_cuda: keep must be on ",
+                device, ", got ", k.device());
+    TORCH_CHECK(k.scalar_type() == at::kBool, "build_thought_mask_cuda: keep must be bool, got ",
+                k.scalar_type());
+    TORCH_CHECK(k.dim() == 2 && k.size(0) == B && k.size(1) == L,
+                "build_thought_mask_cuda: keep must have shape (B=", B, ", L=", L, "), got ", k.sizes());
+    keep_c = k.contiguous();
+    keep_ptr = keep_c.data_ptr<bool>();
+  }
+  c10::cuda::CUDAGuard guard(device);
+  auto mask = at::empty({B, 1, L, (depth + 1) * L}, at::TensorOptions().dtype(at::kBool).device(device));
+  auto err = qstar::launch_thought_mask(keep_ptr, mask.data_ptr<bool>(), B, L, depth, window,
+                                        at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "build_thought_mask_cuda: kernel launch failed: ",
+              cudaGetErrorString(err));
+  return mask;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qstar-kernels CUDA kernels";
+  m.def("build_thought_mask", &build_thought_mask_cuda, "Dense bool thought mask on a CUDA device",
+        py::arg("keep"), py::arg("B"), py::arg("L"), py::arg("depth"), py::arg("window"),
+        py::arg("device"));
+}

@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels (later) are tested on the CPU through the interpreter; it must be set before any
+# @triton.jit runs, so it is set here, before the package is imported, when there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The backend choice under test is always explicit; a stray override would change what runs.
+os.environ.pop("QSTAR_BACKEND", None)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_report_header(config):
+    import qstar_kernels
+
+    return (
+        f"torch {torch.__version__} (cuda {torch.version.cuda}), "
+        f"qstar_kernels backends on cpu: {qstar_kernels.available_backends('cpu')}, "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+    )
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh but reproducible seed per test: derived from the test id, printed on failure."""
+    import zlib
+
+    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(s)
+    return s
