@@ -29,7 +29,9 @@ def make_padding(B: int, L: int, kind: str, device="cpu") -> torch.Tensor | None
     return keep
 
 
-def make_qkv(B, Hq, Hkv, L, depth, D, dtype=torch.float32, device="cpu", requires_grad=False, layout="contig"):
+def make_qkv(
+    B, Hq, Hkv, L, depth, D, dtype=torch.float32, device="cpu", requires_grad=False, layout="contig"
+):
     """Fresh random q, k, v. layout="strided" gives non-contiguous views with the same values."""
     Lk = (depth + 1) * L
     if layout == "contig":

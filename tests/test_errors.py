@@ -39,7 +39,9 @@ class TestBadInput:
 
     def test_heads_not_multiple(self, backend):
         q, k, v = _qkv(Hq=5, Hkv=2)
-        with pytest.raises(ValueError, match=r"Hq=5 must be a positive multiple of the key/value heads Hkv=2"):
+        with pytest.raises(
+            ValueError, match=r"Hq=5 must be a positive multiple of the key/value heads Hkv=2"
+        ):
             thought_attention(q, k, v, backend=backend)
 
     def test_mismatched_dtype(self, backend):
@@ -78,8 +80,9 @@ class TestBadInput:
         with pytest.raises(TypeError, match=r"key_padding_mask must be bool .*got torch.float32"):
             thought_attention(q, k, v, key_padding_mask=torch.ones(2, 8), backend=backend)
         with pytest.raises(ValueError, match=r"key_padding_mask must be on cpu"):
-            thought_attention(q, k, v, key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta"),
-                              backend=backend)
+            thought_attention(
+                q, k, v, key_padding_mask=torch.ones(2, 8, dtype=torch.bool, device="meta"), backend=backend
+            )
 
     def test_bad_scale_window_and_flags(self, backend):
         q, k, v = _qkv()
@@ -104,7 +107,9 @@ def test_unknown_backend():
 
 def test_backend_that_cannot_run_on_the_device():
     q, k, v = (t.to("meta") for t in _qkv())
-    with pytest.raises(BackendUnavailableError, match=r"backend='cpu' cannot run: .*CPU tensors, got tensors on meta"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"backend='cpu' cannot run: .*CPU tensors, got tensors on meta"
+    ):
         thought_attention(q, k, v, backend="cpu")
 
 
@@ -131,7 +136,11 @@ def test_automatic_fallback_says_so_once(monkeypatch):
 def test_automatic_choice_on_cpu_is_the_cpu_kernel(monkeypatch):
     calls = []
     real = attention_mod._cpu_backend.thought_attention_cpu
-    monkeypatch.setattr(attention_mod._cpu_backend, "thought_attention_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        attention_mod._cpu_backend,
+        "thought_attention_cpu",
+        lambda *a, **kw: calls.append(1) or real(*a, **kw),
+    )
     q, k, v = _qkv()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -143,7 +152,9 @@ def test_env_var_overrides_the_automatic_choice(monkeypatch):
     called = []
     real = attention_mod._torch_backend.thought_attention_torch
     monkeypatch.setattr(
-        attention_mod._torch_backend, "thought_attention_torch", lambda *a, **kw: called.append(1) or real(*a, **kw)
+        attention_mod._torch_backend,
+        "thought_attention_torch",
+        lambda *a, **kw: called.append(1) or real(*a, **kw),
     )
     q, k, v = _qkv()
     monkeypatch.setenv("QSTAR_BACKEND", "torch")

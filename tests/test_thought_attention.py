@@ -57,7 +57,9 @@ def _run_case(backend, c, dtype, check_backward=True):
     _skip_unavailable(backend)
     B, Hkv = 2, 2
     Hq = Hkv * c["G"]
-    q, k, v = make_qkv(B, Hq, Hkv, c["L"], c["depth"], c["D"], dtype=dtype, requires_grad=True, layout=c["layout"])
+    q, k, v = make_qkv(
+        B, Hq, Hkv, c["L"], c["depth"], c["D"], dtype=dtype, requires_grad=True, layout=c["layout"]
+    )
     keep = make_padding(B, c["L"], c["pad"])
     kw = dict(key_padding_mask=keep, sliding_window=c["window"])
 
@@ -136,7 +138,9 @@ def test_depth_zero_is_causal_attention(backend, seed):
     _skip_unavailable(backend)
     q, k, v = make_qkv(2, 4, 4, 50, 0, 32)
     out = thought_attention(q, k, v, backend=backend)
-    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True
+    )
     assert_close_to_reference("out", out, want)
 
 
