@@ -16,4 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("grad_lse"), py::arg("keep"), py::arg("scale"), py::arg("window"));
   m.def("thought_attention_backend_info", &qstar::cpu::thought_attention_backend_info,
         "What the thought attention kernels run on (GEMM provider, threads, ISA), as one line");
+  m.def("_set_poison_outputs", &qstar::cpu::set_poison_outputs,
+        "Test mode: fill every output and scratch buffer with NaN before the kernels write it. "
+        "Returns the previous setting.",
+        py::arg("on"));
 }

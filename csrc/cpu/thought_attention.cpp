@@ -48,6 +48,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <cmath>
@@ -61,6 +62,18 @@
 
 namespace qstar::cpu {
 namespace {
+
+// Debug/test mode: every buffer the kernels allocate (outputs and scratch) is filled with NaN
+// before they run, so a test can prove that every output element is written and that no scratch
+// is read before it is written.
+std::atomic<bool> g_poison{false};
+
+at::Tensor poisoned(at::Tensor t) {
+  if (g_poison.load(std::memory_order_relaxed) && t.numel() > 0) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return t;
+}
 
 // ------------------------------------------------------------------------------------------------
 // BLAS
@@ -516,7 +529,8 @@ void fwd_kernel(const Geom& g, const T* q, const T* k, const T* v, const T* bias
                 szPd = round_up(g.Mcap * std::max<int64_t>(a, 1)), szRow = round_up(g.Mcap);
   const int64_t per_thread = 2 * szQ + szS + szPd + 4 * szRow;
   const int nt = pick_threads(g);
-  at::Tensor scratch = at::empty({nt * per_thread}, at::TensorOptions().dtype(scalar_type_of<T>()));
+  at::Tensor scratch =
+      poisoned(at::empty({nt * per_thread}, at::TensorOptions().dtype(scalar_type_of<T>())));
   T* scratch_base = scratch.data_ptr<T>();
 
 #pragma omp parallel num_threads(nt)
@@ -623,7 +637,7 @@ void bwd_kernel(const Geom& g, const T* dout, const T* q, const T* k, const T* v
   const int64_t per_thread = 3 * szQ + 2 * szS + 2 * szPd + 2 * szRow;
   const int nt = pick_threads(g);
   const auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
-  at::Tensor scratch = at::empty({nt * per_thread}, opts);
+  at::Tensor scratch = poisoned(at::empty({nt * per_thread}, opts));
   T* scratch_base = scratch.data_ptr<T>();
   // The text dK/dV of a kv head get contributions from all its query blocks. Two race-free
   // schedules:
@@ -633,7 +647,7 @@ void bwd_kernel(const Geom& g, const T* dout, const T* q, const T* k, const T* v
   //    text-sized buffers that are summed into dk/dv after the loop (thread 0 uses dk/dv).
   const bool owner = nt == 1 || (BH >= nt && (BH % nt == 0 || BH >= 4 * nt));
   const int64_t acc_per = BH * L * D;
-  at::Tensor acc = at::empty({owner ? 0 : (nt - 1) * 2 * acc_per}, opts);
+  at::Tensor acc = poisoned(at::empty({owner ? 0 : (nt - 1) * 2 * acc_per}, opts));
   T* acc_base = acc.data_ptr<T>();
 
 #pragma omp parallel num_threads(nt)
@@ -858,6 +872,8 @@ void check_like(const char* fn, const char* name, const at::Tensor& t, const at:
 
 }  // namespace
 
+bool set_poison_outputs(bool on) { return g_poison.exchange(on); }
+
 std::string thought_attention_backend_info() {
   const Blas& b = blas();
   std::string s = "gemm: ";
@@ -883,8 +899,8 @@ std::tuple<at::Tensor, at::Tensor> thought_attention_fwd(const at::Tensor& q, co
   const char* fn = "thought_attention_fwd";
   const Checked c = check_common(fn, q, k, v, keep, scale, window);
   const Geom& g = c.g;
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({g.B, g.Hq, g.L}, q.options());
+  at::Tensor out = poisoned(at::empty_like(q));
+  at::Tensor lse = poisoned(at::empty({g.B, g.Hq, g.L}, q.options()));
   if (q.numel() == 0 || g.units == 0) {
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
@@ -921,9 +937,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> thought_attention_bwd(
     check_like(fn, "grad_lse", grad_lse->contiguous(), lse, "lse");
     glse = grad_lse->contiguous();
   }
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
+  at::Tensor dq = poisoned(at::empty_like(q));
+  at::Tensor dk = poisoned(at::empty_like(k));
+  at::Tensor dv = poisoned(at::empty_like(v));
   if (q.numel() == 0 || g.units == 0) {
     dq.zero_();
     dk.zero_();

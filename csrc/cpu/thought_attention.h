@@ -30,4 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> thought_attention_bwd(
 // A one-line description of what the kernels run on (GEMM provider, threads, ISA), for debugging.
 std::string thought_attention_backend_info();
 
+// Test mode: fill every buffer the kernels allocate with NaN before they run. Returns the old value.
+bool set_poison_outputs(bool on);
+
 }  // namespace qstar::cpu

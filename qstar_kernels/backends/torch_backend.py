@@ -18,7 +18,8 @@ def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_wi
     math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
 
-    q5 = q.to(math_dtype).reshape(B, Hkv, G, L, D)  # query head h = kv head (h // G), member h % G
+    # Scale once on the small side: (B, Hkv, G, L, D); query head h = kv head h // G, member h % G.
+    q5 = (q.to(math_dtype) * scale).reshape(B, Hkv, G, L, D)
     k_text = k[:, :, :L].to(math_dtype)  # (B, Hkv, L, D)
     v_text = v[:, :, :L].to(math_dtype)
     k_diag = k[:, :, L:].to(math_dtype).reshape(B, Hkv, depth, L, D)  # key i of every thought block
@@ -36,22 +37,27 @@ def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_wi
     s_text = s_text.masked_fill(~allowed[:, None, None], float("-inf"))
 
     # Thought blocks: query i sees only key i of each block, iff token i is real.  (B, Hkv, G, L, a)
-    s_diag = torch.einsum("bhgld,bhald->bhgla", q5, k_diag)
+    s_diag = (q5.unsqueeze(3) * k_diag.unsqueeze(2)).sum(-1).transpose(-1, -2)
     if key_padding_mask is not None:
         s_diag = s_diag.masked_fill(~key_padding_mask[:, None, None, :, None], float("-inf"))
 
-    scores = torch.cat([s_text, s_diag], dim=-1) * scale  # (B, Hkv, G, L, L + a)
-    row_max = scores.amax(dim=-1)
-    empty = torch.isneginf(row_max)  # rows that see nothing (left padding)
-    row_max = torch.where(empty, torch.zeros_like(row_max), row_max).detach()
-    sum_exp = torch.exp(scores - row_max[..., None]).sum(dim=-1)
-    lse = torch.where(empty, float("-inf"), torch.log(torch.where(empty, 1.0, sum_exp)) + row_max)
-    probs = torch.exp(scores - torch.where(empty, 0.0, lse)[..., None])
+    # Rows that may attend to nothing (left padding) get finite dummy scores, then exact zeros:
+    # no NaN in either pass.  (B, 1, 1, L, 1)
+    sees_something = allowed.any(dim=-1)
+    if depth > 0:
+        sees_something = sees_something | (
+            key_padding_mask if key_padding_mask is not None else torch.ones_like(sees_something)
+        )
+    empty = ~sees_something[:, None, None, :, None]
+    scores = torch.cat([s_text, s_diag], dim=-1).masked_fill(empty, 0.0)  # (B, Hkv, G, L, L + a)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     p_text, p_diag = probs[..., :L], probs[..., L:]
 
     out = torch.matmul(p_text.reshape(B, Hkv, G * L, L), v_text).reshape(B, Hkv, G, L, D)
-    out = out + torch.einsum("bhgla,bhald->bhgld", p_diag, v_diag)
+    if depth > 0:
+        out = out + (p_diag.transpose(-1, -2).unsqueeze(-1) * v_diag.unsqueeze(2)).sum(3)
     out = out.reshape(B, Hq, L, D).to(q.dtype)
     if return_lse:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
         return out, lse.reshape(B, Hq, L)
     return out
