@@ -139,3 +139,16 @@ def test_extra_memory_grows_like_L_times_depth(seed):
         scratch_allowance = 4 << 20  # per-thread tiles
         assert peak <= io_bytes + grads + scratch_allowance, (depth, peak, io_bytes, grads)
         assert peak < dense_scores / 4, (depth, peak, dense_scores)
+
+
+def test_double_backward_is_refused_not_silently_wrong(seed):
+    """With create_graph=True the kernel's gradients would be constants: any second-order term
+    through the attention would be silently missing (here q**2 keeps dq differentiable)."""
+    q, k, v = make_qkv(1, 2, 1, 5, 1, 4, dtype=torch.float64, requires_grad=True)
+    out = thought_attention(q, k, v, backend="cpu")
+    loss = (out * torch.randn_like(out)).sum() + (q**2).sum()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, q, create_graph=True)
+    # The plain first-order backward is unaffected.
+    (dq,) = torch.autograd.grad(loss, q)
+    assert torch.isfinite(dq).all()

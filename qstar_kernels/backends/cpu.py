@@ -29,6 +29,13 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's gradients are not themselves differentiable, and
+            # returning them as constants would silently drop second-order terms.
+            raise RuntimeError(
+                "thought_attention(backend='cpu') does not support double backward "
+                "(create_graph=True); use backend='torch' or 'reference' for higher-order gradients"
+            )
         qc, kc, vc, out, lse, keep = ctx.saved_tensors
         if grad_out is None and grad_lse is None:
             return None, None, None, None, None, None
