@@ -81,11 +81,13 @@ def _extensions():
     debug = os.environ.get("QSTAR_DEBUG_BUILD") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx_flags = opt + ["-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))
     exts = [
         CppExtension(
             name="qstar_kernels._C",
             sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
             include_dirs=[str(ROOT / "csrc")],
+            depends=headers,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
@@ -119,6 +121,7 @@ def _extensions():
             name="qstar_kernels._C_cuda",
             sources=cu_sources,
             include_dirs=[str(ROOT / "csrc")] + _nvidia_wheel_includes(),
+            depends=headers,
             extra_compile_args={
                 "cxx": opt + ["-std=c++20"],
                 "nvcc": (["-O0", "-G"] if debug else ["-O3", "-Xcompiler=-g0"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 import warnings
 
@@ -124,8 +125,8 @@ def _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse):
             f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"
         )
     B, Hq, L, D = q.shape
-    if L < 1 or D < 1:
-        raise ValueError(f"q must have L >= 1 and D >= 1, got shape {_shape(q)} (B, Hq, L, D)")
+    if Hq < 1 or L < 1 or D < 1:
+        raise ValueError(f"q must have Hq >= 1, L >= 1 and D >= 1, got shape {_shape(q)} (B, Hq, L, D)")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
     if k.shape[0] != B:
@@ -147,7 +148,7 @@ def _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse):
         m = key_padding_mask
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(m).__name__}")
-        if m.dtype != torch.bool and m.dtype.is_floating_point:
+        if m.dtype != torch.bool and (m.dtype.is_floating_point or m.dtype.is_complex):
             raise TypeError(
                 f"key_padding_mask must be bool (True = real token) or an integer 0/1 tensor, got {m.dtype}"
             )
@@ -156,13 +157,38 @@ def _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse):
         if m.device != q.device:
             raise ValueError(f"key_padding_mask must be on {q.device} like q, got {m.device}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        scale = _as_float("scale", scale)
+        if not math.isfinite(scale):
             raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        sliding_window = _as_int("sliding_window", sliding_window)
+        if sliding_window < 1:
             raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return scale, sliding_window
+
+
+def _as_float(name: str, x) -> float:
+    """Python/NumPy real numbers and 0-d real tensors; not bools or strings."""
+    if isinstance(x, (bool, str, bytes)) or (
+        isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_complex())
+    ):
+        raise TypeError(f"{name} must be None or a real number, got {type(x).__name__} {x!r}")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be None or a real number, got {type(x).__name__} {x!r}") from None
+
+
+def _as_int(name: str, x) -> int:
+    """Python/NumPy integers and 0-d integer tensors; not bools or floats."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be None or an int, got bool {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be None or an int, got {type(x).__name__} {x!r}") from None
 
 
 def thought_attention(
@@ -197,11 +223,10 @@ def thought_attention(
         ``out`` ``(B, Hq, L, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
         Rows with nothing to attend to (left padding) give zeros, zero gradients and ``lse=-inf``.
     """
-    _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse)
+    scale, sliding_window = _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse)
     chosen = _select_backend(backend, q)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scale = float(scale)
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     kwargs = dict(key_padding_mask=keep, scale=scale, sliding_window=sliding_window, return_lse=return_lse)
     if chosen == "reference":

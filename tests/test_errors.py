@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,34 @@ class TestBadInput:
             thought_attention(q, k, v, sliding_window=0, backend=backend)
         with pytest.raises(TypeError, match="return_lse must be a bool"):
             thought_attention(q, k, v, return_lse="yes", backend=backend)
+
+    def test_scale_and_window_types(self, backend):
+        q, k, v = _qkv()
+        with pytest.raises(TypeError, match=r"sliding_window must be None or an int, got float 2.5"):
+            thought_attention(q, k, v, sliding_window=2.5, backend=backend)
+        with pytest.raises(TypeError, match=r"sliding_window must be None or an int, got bool"):
+            thought_attention(q, k, v, sliding_window=True, backend=backend)
+        with pytest.raises(TypeError, match=r"scale must be None or a real number, got str"):
+            thought_attention(q, k, v, scale="0.1", backend=backend)
+        # NumPy and 0-d tensor numbers are numbers like any other.
+        want = thought_attention(q, k, v, sliding_window=3, scale=0.25, backend="reference")
+        for w, sc in ((np.int64(3), np.float32(0.25)), (torch.tensor(3), torch.tensor(0.25))):
+            got = thought_attention(q, k, v, sliding_window=w, scale=sc, backend=backend)
+            assert torch.allclose(got, want, atol=1e-5)
+
+    def test_zero_query_heads(self, backend):
+        q, k, v = _qkv()
+        with pytest.raises(
+            ValueError, match=r"q must have Hq >= 1, L >= 1 and D >= 1, got shape \(2, 0, 8, 16\)"
+        ):
+            thought_attention(q[:, :0], k, v, backend=backend)
+
+    def test_complex_padding_mask(self, backend):
+        q, k, v = _qkv()
+        with pytest.raises(TypeError, match=r"key_padding_mask must be bool .*complex64"):
+            thought_attention(
+                q, k, v, key_padding_mask=torch.ones(2, 8, dtype=torch.complex64), backend=backend
+            )
 
     def test_not_a_tensor(self, backend):
         _, k, v = _qkv()

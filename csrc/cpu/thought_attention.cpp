@@ -644,9 +644,17 @@ void bwd_kernel(const Geom& g, const T* dout, const T* q, const T* k, const T* v
   //  * owner: when the (b, kv head) pairs split evenly over the threads (or there are many of
   //    them), a thread takes whole kv heads and accumulates straight into dk/dv;
   //  * shared: otherwise units are (kv head, query block), and threads 1.. accumulate into private
-  //    text-sized buffers that are summed into dk/dv after the loop (thread 0 uses dk/dv).
-  const bool owner = nt == 1 || (BH >= nt && (BH % nt == 0 || BH >= 4 * nt));
+  //    text-sized buffers that are summed into dk/dv after the loop (thread 0 uses dk/dv), as long
+  //    as those buffers stay small (see shared_fits).
   const int64_t acc_per = BH * L * D;
+  // The shared schedule's private accumulators cost (nt - 1) text-sized dK/dV copies. Allow them
+  // up to 3 copies or 64 MiB, whichever is larger; beyond that (many threads, few kv heads, long
+  // text) the owner schedule runs on min(BH, nt) threads instead, so that extra memory never
+  // scales with the thread count past that bound.
+  const int64_t shared_bytes = (nt - 1) * 2 * acc_per * static_cast<int64_t>(sizeof(T));
+  const bool shared_fits = nt - 1 <= 3 || shared_bytes <= (int64_t(64) << 20);
+  const bool owner =
+      nt == 1 || (BH >= nt && (BH % nt == 0 || BH >= 4 * nt)) || !shared_fits;
   at::Tensor acc = poisoned(at::empty({owner ? 0 : (nt - 1) * 2 * acc_per}, opts));
   T* acc_base = acc.data_ptr<T>();
 

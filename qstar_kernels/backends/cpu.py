@@ -11,6 +11,37 @@ import torch
 from .. import _ext
 
 
+def _window_any(bad: torch.Tensor, window: int) -> torch.Tensor:
+    """(..., L) bool -> (..., L): any bad[j] for j in (i - window, i] (window <= 0: j <= i)."""
+    counts = torch.cumsum(bad.to(torch.int64), dim=-1)
+    if window > 0 and window < bad.shape[-1]:
+        shifted = torch.nn.functional.pad(counts, (window, 0))[..., : counts.shape[-1]]
+        counts = counts - shifted
+    return counts > 0
+
+
+@torch.no_grad()
+def _mark_nonfinite_rows(out, lse, q, k, v, keep, window):
+    """Set out and lse to NaN in every row that sees a non-finite query, key or value."""
+    B, Hq, L, _ = q.shape
+    Hkv = k.shape[1]
+    depth = k.shape[2] // L - 1
+    real = torch.ones(B, L, dtype=torch.bool, device=q.device) if keep is None else keep
+    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, Hkv, (a+1)L)
+    # Text keys j <= i (inside the window) that are real, and row i's own diagonal keys.
+    hits = _window_any(bad_kv[..., :L] & real[:, None, :], window)  # (B, Hkv, L)
+    if depth > 0:
+        hits |= bad_kv[..., L:].reshape(B, Hkv, depth, L).any(2) & real[:, None, :]
+    hits = hits.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, L)
+    # A query row with a non-finite entry poisons its row, unless the row sees nothing at all.
+    sees = _window_any(real, window)
+    if depth > 0:
+        sees = sees | real
+    hits |= ~torch.isfinite(q).all(-1) & sees[:, None, :]
+    out[hits] = float("nan")
+    lse[hits] = float("nan")
+
+
 class _ThoughtAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, scale, window):
@@ -20,6 +51,11 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
         kc = k.to(compute).contiguous()
         vc = v.to(compute).contiguous()
         out, lse = ext.thought_attention_fwd(qc, kc, vc, keep, scale, window)
+        # The kernel's exp treats a NaN score like a masked one. One cheap reduction finds
+        # non-finite inputs (a diverging run); then the rows that read them are made NaN, as the
+        # dense computation makes them, instead of coming out quietly finite.
+        if not torch.isfinite(qc.sum() + kc.sum() + vc.sum()):
+            _mark_nonfinite_rows(out, lse, qc, kc, vc, keep, window)
         ctx.save_for_backward(qc, kc, vc, out, lse, keep)
         ctx.scale, ctx.window = scale, window
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)

@@ -37,7 +37,10 @@ def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_wi
     s_text = s_text.masked_fill(~allowed[:, None, None], float("-inf"))
 
     # Thought blocks: query i sees only key i of each block, iff token i is real.  (B, Hkv, G, L, a)
-    s_diag = (q5.unsqueeze(3) * k_diag.unsqueeze(2)).sum(-1).transpose(-1, -2)
+    # Per (b, kv head, i): the G query rows (G, D) times that position's a keys (D, a); batched
+    # matmuls over (b, h, i), so no key/value is repeated per query head.
+    q_by_pos = q5.permute(0, 1, 3, 2, 4)  # (B, Hkv, L, G, D)
+    s_diag = torch.matmul(q_by_pos, k_diag.permute(0, 1, 3, 4, 2)).permute(0, 1, 3, 2, 4)
     if key_padding_mask is not None:
         s_diag = s_diag.masked_fill(~key_padding_mask[:, None, None, :, None], float("-inf"))
 
@@ -55,7 +58,8 @@ def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_wi
 
     out = torch.matmul(p_text.reshape(B, Hkv, G * L, L), v_text).reshape(B, Hkv, G, L, D)
     if depth > 0:
-        out = out + (p_diag.transpose(-1, -2).unsqueeze(-1) * v_diag.unsqueeze(2)).sum(3)
+        diag_out = torch.matmul(p_diag.permute(0, 1, 3, 2, 4), v_diag.permute(0, 1, 3, 2, 4))
+        out = out + diag_out.permute(0, 1, 3, 2, 4)  # (B, Hkv, L, G, D) -> (B, Hkv, G, L, D)
     out = out.reshape(B, Hq, L, D).to(q.dtype)
     if return_lse:
         lse = torch.logsumexp(scores, dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
