@@ -138,4 +138,5 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__
+    setup(ext_modules=_extensions(), cmdclass=_cmdclass())
