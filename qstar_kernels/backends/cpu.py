@@ -60,7 +60,6 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
         ctx.scale, ctx.window = scale, window
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable()
         return out.to(q.dtype), lse
 
     @staticmethod
