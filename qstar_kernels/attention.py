@@ -169,12 +169,22 @@ def _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse):
     return scale, sliding_window
 
 
+def _plain_number(name: str, x, what: str) -> None:
+    """Reject what only looks like a number: bools (also NumPy's and 0-d bool tensors), strings,
+    arrays or tensors with dimensions, complex values, and tensors that require grad (the op is
+    not differentiable in them, and a gradient would be dropped silently)."""
+    bad = isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_"
+    if isinstance(x, torch.Tensor):
+        bad = bad or x.dim() != 0 or x.dtype == torch.bool or x.is_complex() or x.requires_grad
+    elif getattr(x, "ndim", 0) != 0 or getattr(getattr(x, "dtype", None), "kind", "") in ("b", "c"):
+        bad = True
+    if bad:
+        raise TypeError(f"{name} must be None or {what}, got {type(x).__name__} {x!r}")
+
+
 def _as_float(name: str, x) -> float:
-    """Python/NumPy real numbers and 0-d real tensors; not bools or strings."""
-    if isinstance(x, (bool, str, bytes)) or (
-        isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_complex())
-    ):
-        raise TypeError(f"{name} must be None or a real number, got {type(x).__name__} {x!r}")
+    """Python/NumPy real numbers and 0-d real tensors."""
+    _plain_number(name, x, "a real number")
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -182,9 +192,8 @@ def _as_float(name: str, x) -> float:
 
 
 def _as_int(name: str, x) -> int:
-    """Python/NumPy integers and 0-d integer tensors; not bools or floats."""
-    if isinstance(x, bool):
-        raise TypeError(f"{name} must be None or an int, got bool {x!r}")
+    """Python/NumPy integers and 0-d integer tensors."""
+    _plain_number(name, x, "an int")
     try:
         return operator.index(x)
     except TypeError:

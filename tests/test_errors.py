@@ -102,6 +102,12 @@ class TestBadInput:
             thought_attention(q, k, v, sliding_window=True, backend=backend)
         with pytest.raises(TypeError, match=r"scale must be None or a real number, got str"):
             thought_attention(q, k, v, scale="0.1", backend=backend)
+        for bad in (torch.tensor(True), np.bool_(True), torch.tensor([3]), np.array([3])):
+            with pytest.raises(TypeError, match=r"sliding_window must be None or an int"):
+                thought_attention(q, k, v, sliding_window=bad, backend=backend)
+        for bad in (torch.tensor(0.5, requires_grad=True), np.array([[0.5]]), torch.tensor(True)):
+            with pytest.raises(TypeError, match=r"scale must be None or a real number"):
+                thought_attention(q, k, v, scale=bad, backend=backend)
         # NumPy and 0-d tensor numbers are numbers like any other.
         want = thought_attention(q, k, v, sliding_window=3, scale=0.25, backend="reference")
         for w, sc in ((np.int64(3), np.float32(0.25)), (torch.tensor(3), torch.tensor(0.25))):

@@ -648,11 +648,14 @@ void bwd_kernel(const Geom& g, const T* dout, const T* q, const T* k, const T* v
   //    as those buffers stay small (see shared_fits).
   const int64_t acc_per = BH * L * D;
   // The shared schedule's private accumulators cost (nt - 1) text-sized dK/dV copies. Allow them
-  // up to 3 copies or 64 MiB, whichever is larger; beyond that (many threads, few kv heads, long
-  // text) the owner schedule runs on min(BH, nt) threads instead, so that extra memory never
-  // scales with the thread count past that bound.
-  const int64_t shared_bytes = (nt - 1) * 2 * acc_per * static_cast<int64_t>(sizeof(T));
-  const bool shared_fits = nt - 1 <= 3 || shared_bytes <= (int64_t(64) << 20);
+  // up to 3 copies, or up to the size of the dk and dv this call returns (which keeps the extra
+  // memory O(L * (a + 1))), or 64 MiB, whichever is largest; beyond that (many threads, few kv
+  // heads, long text, shallow thoughts) the owner schedule runs on min(BH, nt) threads instead.
+  const int64_t elem = static_cast<int64_t>(sizeof(T));
+  const int64_t shared_bytes = (nt - 1) * 2 * acc_per * elem;
+  const int64_t grad_bytes = 2 * BH * g.Lk * D * elem;
+  const bool shared_fits =
+      nt - 1 <= 3 || shared_bytes <= std::max(grad_bytes, int64_t(64) << 20);
   const bool owner =
       nt == 1 || (BH >= nt && (BH % nt == 0 || BH >= 4 * nt)) || !shared_fits;
   at::Tensor acc = poisoned(at::empty({owner ? 0 : (nt - 1) * 2 * acc_per}, opts));

@@ -20,9 +20,15 @@ def _window_any(bad: torch.Tensor, window: int) -> torch.Tensor:
     return counts > 0
 
 
+def _window_any_ahead(hit: torch.Tensor, window: int) -> torch.Tensor:
+    """(..., L) bool -> (..., L): any hit[i] for i in [j, j + window) (window <= 0: i >= j)."""
+    return _window_any(hit.flip(-1), window).flip(-1)
+
+
 @torch.no_grad()
 def _mark_nonfinite_rows(out, lse, q, k, v, keep, window):
-    """Set out and lse to NaN in every row that sees a non-finite query, key or value."""
+    """Set out and lse to NaN in every row that sees a non-finite query, key or value; returns
+    the (B, Hq, L) bool mask of those rows."""
     B, Hq, L, _ = q.shape
     Hkv = k.shape[1]
     depth = k.shape[2] // L - 1
@@ -40,6 +46,26 @@ def _mark_nonfinite_rows(out, lse, q, k, v, keep, window):
     hits |= ~torch.isfinite(q).all(-1) & sees[:, None, :]
     out[hits] = float("nan")
     lse[hits] = float("nan")
+    return hits
+
+
+@torch.no_grad()
+def _mark_nonfinite_grads(hits, dq, dk, dv, keep, window):
+    """The backward twin: the gradients of a NaN row and of every key/value it reads are NaN
+    (the kernel's exp would otherwise drop that row's share quietly)."""
+    B, Hq, L, _ = dq.shape
+    Hkv = dk.shape[1]
+    depth = dk.shape[2] // L - 1
+    real = torch.ones(B, L, dtype=torch.bool, device=dq.device) if keep is None else keep
+    dq[hits] = float("nan")
+    rows = hits.reshape(B, Hkv, Hq // Hkv, L).any(2)  # (B, Hkv, L): a NaN row of the kv group
+    text_read = _window_any_ahead(rows, window) & real[:, None, :]  # keys j read by rows i >= j
+    dk[:, :, :L][text_read] = float("nan")
+    dv[:, :, :L][text_read] = float("nan")
+    if depth > 0:
+        diag_read = (rows & real[:, None, :])[:, :, None, :].expand(B, Hkv, depth, L)
+        dk[:, :, L:].view(B, Hkv, depth, L, -1)[diag_read] = float("nan")
+        dv[:, :, L:].view(B, Hkv, depth, L, -1)[diag_read] = float("nan")
 
 
 class _ThoughtAttentionCPU(torch.autograd.Function):
@@ -54,9 +80,10 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
         # The kernel's exp treats a NaN score like a masked one. One cheap reduction finds
         # non-finite inputs (a diverging run); then the rows that read them are made NaN, as the
         # dense computation makes them, instead of coming out quietly finite.
+        hits = None
         if not torch.isfinite(qc.sum() + kc.sum() + vc.sum()):
-            _mark_nonfinite_rows(out, lse, qc, kc, vc, keep, window)
-        ctx.save_for_backward(qc, kc, vc, out, lse, keep)
+            hits = _mark_nonfinite_rows(out, lse, qc, kc, vc, keep, window)
+        ctx.save_for_backward(qc, kc, vc, out, lse, keep, hits)
         ctx.scale, ctx.window = scale, window
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.set_materialize_grads(False)
@@ -71,7 +98,7 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
                 "thought_attention(backend='cpu') does not support double backward "
                 "(create_graph=True); use backend='torch' or 'reference' for higher-order gradients"
             )
-        qc, kc, vc, out, lse, keep = ctx.saved_tensors
+        qc, kc, vc, out, lse, keep, hits = ctx.saved_tensors
         if grad_out is None and grad_lse is None:
             return None, None, None, None, None, None
         if grad_out is None:
@@ -82,6 +109,8 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
         dq, dk, dv = _ext.cpu_extension().thought_attention_bwd(
             grad_out, qc, kc, vc, out, lse, grad_lse, keep, ctx.scale, ctx.window
         )
+        if hits is not None and hits.any():
+            _mark_nonfinite_grads(hits, dq, dk, dv, keep, ctx.window)
         qd, kd, vd = ctx.dtypes
         return dq.to(qd), dk.to(kd), dv.to(vd), None, None, None
 
