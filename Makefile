@@ -3,12 +3,13 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast lint format bench bench-full bench-regress plot clean
+.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-regress clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
 	@echo "test          the whole test suite (the README's test command)"
 	@echo "test-fast     the suite without the hypothesis fuzzing and gradcheck"
+	@echo "test-gpu      only the GPU tests (they skip, with the reason, without a GPU)"
 	@echo "lint          ruff check + ruff format --check"
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
@@ -28,6 +29,9 @@ test:
 
 test-fast:
 	$(PY) -m pytest -k "not fuzz and not gradcheck"
+
+test-gpu:
+	$(PY) -m pytest -m gpu -rs
 
 lint:
 	$(PY) -m ruff check .
