@@ -61,8 +61,8 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _why_not(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+def _why_not(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if ``backend`` can run on tensors of ``device`` (and ``dtype``), else the reason."""
     if backend in ("reference", "torch"):
         return None
     if backend == "cpu":
@@ -84,6 +84,8 @@ def _why_not(backend: str, device: torch.device) -> str | None:
         err = _triton_import_error()
         if err is not None:
             return f"triton does not import ({err})"
+        if dtype == torch.float64:
+            return "the 'triton' backend supports float32, float16 and bfloat16 inputs, got torch.float64"
         if device.type == "cuda":
             return None
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -102,32 +104,34 @@ def available_lm_head_backends(device: str | torch.device = "cpu") -> list[str]:
     return [b for b in LM_HEAD_BACKENDS if _why_not(b, dev) is None]
 
 
-def _checked(name: str, origin: str, device: torch.device) -> str:
-    reason = _why_not(name, device)
+def _checked(name: str, origin: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    reason = _why_not(name, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"{origin}={name!r} cannot run: {reason}")
     return name
 
 
-def select_backend(op: str, backend: str | None, device: torch.device) -> str:
+def select_backend(
+    op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None
+) -> str:
     """The backend ``op`` runs on tensors of ``device`` (see the module docstring for the rules)."""
     if backend is not None:
         if not isinstance(backend, str) or backend not in LM_HEAD_BACKENDS:
             raise ValueError(
                 f"backend must be one of {LM_HEAD_BACKENDS} (or None for automatic), got {backend!r}"
             )
-        return _checked(backend, "backend", device)
+        return _checked(backend, "backend", device, dtype)
     env = os.environ.get(ENV_VAR)
     if env:
         if env not in LM_HEAD_BACKENDS:
             raise ValueError(
                 f"the environment variable {ENV_VAR} must be one of {LM_HEAD_BACKENDS}, got {env!r}"
             )
-        return _checked(env, ENV_VAR, device)
+        return _checked(env, ENV_VAR, device, dtype)
     env = os.environ.get(GLOBAL_ENV_VAR)
     if env:
         if env in LM_HEAD_BACKENDS:
-            return _checked(env, GLOBAL_ENV_VAR, device)
+            return _checked(env, GLOBAL_ENV_VAR, device, dtype)
         if env in _ATTENTION_BACKENDS:
             _warn_once(
                 f"global-env-{env}",
@@ -146,11 +150,11 @@ def select_backend(op: str, backend: str | None, device: torch.device) -> str:
             f"qstar_kernels.{op}: no fused kernel for {device.type} tensors; using the tiled 'torch' backend",
         )
         return "torch"
-    reason = _why_not(preferred, device)
+    reason = _why_not(preferred, device, dtype)
     if reason is None:
         return preferred
     _warn_once(
-        f"fallback-{preferred}",
+        f"fallback-{preferred}-{dtype}",
         f"qstar_kernels.{op}: falling back to the tiled 'torch' backend: {reason}",
     )
     return "torch"

@@ -113,7 +113,7 @@ def mixed_token_logprobs(
         from recomputed logit tiles (first order only; ``reference`` supports higher orders).
     """
     ignore_index = _validate(h_base, h_thought, w, weight, target, ignore_index, backend)
-    chosen = _d.select_backend("mixed_token_logprobs", backend, h_base.device)
+    chosen = _d.select_backend("mixed_token_logprobs", backend, h_base.device, h_base.dtype)
     target = target.to(torch.int64)
     if chosen == "reference":
         return mixed_token_logprobs_reference(h_base, h_thought, w, weight, target, ignore_index=ignore_index)

@@ -119,7 +119,7 @@ def sample_thought_tokens(
     banned, temperature, logprob_temperature = _validate(
         h, weight, banned_ids, temperature, logprob_temperature, generator, backend
     )
-    chosen = _d.select_backend("sample_thought_tokens", backend, h.device)
+    chosen = _d.select_backend("sample_thought_tokens", backend, h.device, h.dtype)
     seed = 0 if temperature == 0 else draw_sampling_seed(generator, h.device)
     if chosen == "reference":
         noise = None
