@@ -1,5 +1,5 @@
-"""Triton row kernels of the fused LM-head ops: one program per row of a logit tile ``z``
-(``r x c``, contiguous), looping over the row in blocks of ``BLOCK`` ids.
+"""Triton row kernels of the fused LM-head ops: one program per ``BLOCK_R`` rows of a logit tile
+``z`` (``r x c``, contiguous), looping over the rows in blocks of ``BLOCK`` ids.
 
 * :func:`lse_rows_kernel`: ``lse = logsumexp(z * scale)``, an online log-sum-exp kept per lane
   (``BLOCK`` running maxima and sums, merged once at the end).
@@ -22,10 +22,11 @@ __all__ = ["lse_rows_kernel", "sample_rows_kernel", "grad_rows_kernel", "gumbel_
 
 
 @triton.jit
-def _philox_gumbel(ids, row, k0, k1):
-    """Gumbel noise of vocabulary ids ``ids`` (int64 >= 0) of row ``row`` (uint32), key (k0, k1)."""
-    c0 = (ids >> 2).to(tl.uint32)
-    c1 = tl.zeros_like(c0) + row
+def _philox_gumbel(ids, rows, k0, k1):
+    """Gumbel noise of vocabulary ids ``ids`` (int64 >= 0, shape (1, B)) of rows ``rows`` (uint32,
+    shape (R, 1)), key (k0, k1): Philox4x32-10 at counter (id // 4, row, 0, 0), word id % 4."""
+    c0 = (ids >> 2).to(tl.uint32) + tl.zeros_like(rows)  # (R, B)
+    c1 = rows + tl.zeros_like(c0)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
     for _ in tl.static_range(10):
@@ -56,31 +57,36 @@ def _online_lse_step(m, s, x):
 
 @triton.jit
 def _finish_lse(m, s, bad):
-    top = tl.max(m, 0)
+    """Per row (axis 1): merge the lanes; NaN if a lane saw a NaN or +inf."""
+    top = tl.max(m, 1)
     shift = tl.where(top == float("-inf"), 0.0, top)
-    lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), 0))  # log(0) = -inf for a row of -inf only
-    return tl.where(tl.max(bad, 0) > 0, float("nan"), lse)
+    total = tl.sum(s * tl.exp(m - shift[:, None]), 1)  # 0 when the row saw only -inf
+    lse = tl.where(total > 0, shift + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    return tl.where(tl.max(bad, 1) > 0, float("nan"), lse)
 
 
 @triton.jit
-def lse_rows_kernel(Z, stride_z, n_cols, scale, LSE, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    z_row = Z + row.to(tl.int64) * stride_z
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    bad = tl.zeros([BLOCK], tl.int32)
+def lse_rows_kernel(Z, stride_z, n_rows, n_cols, scale, LSE, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    z_rows = Z + rows.to(tl.int64)[:, None] * stride_z
+    m = tl.full([BLOCK_R, BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK], tl.float32)
+    bad = tl.zeros([BLOCK_R, BLOCK], tl.int32)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * scale
+        cols = c0 + tl.arange(0, BLOCK)[None, :]
+        inside = row_ok[:, None] & (cols < n_cols)
+        x = tl.load(z_rows + cols, mask=inside, other=float("-inf")).to(tl.float32) * scale
         bad = bad | ((x != x) | (x == float("inf"))).to(tl.int32)
         m, s = _online_lse_step(m, s, x)
-    tl.store(LSE + row, _finish_lse(m, s, bad))
+    tl.store(LSE + rows, _finish_lse(m, s, bad), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "row0", "v0"])
 def sample_rows_kernel(
     Z,
     stride_z,
+    n_rows,
     n_cols,
     inv_t,
     lp_scale,
@@ -92,64 +98,73 @@ def sample_rows_kernel(
     KEY,
     LSE,
     GREEDY: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    z_row = Z + row.to(tl.int64) * stride_z
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    z_rows = Z + rows.to(tl.int64)[:, None] * stride_z
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
-    noise_row = (row0 + row).to(tl.uint32)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    bad = tl.zeros([BLOCK], tl.int32)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_col = tl.zeros([BLOCK], tl.int32)
+    noise_rows = (row0 + rows).to(tl.uint32)[:, None]  # the rows' indices in the whole call
+    m = tl.full([BLOCK_R, BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK], tl.float32)
+    bad = tl.zeros([BLOCK_R, BLOCK], tl.int32)
+    best = tl.full([BLOCK_R, BLOCK], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK_R, BLOCK], tl.int32)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        inside = cols < n_cols
-        z = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(tl.float32)
+        cols = c0 + tl.arange(0, BLOCK)[None, :]
+        inside = row_ok[:, None] & (cols < n_cols)
+        z = tl.load(z_rows + cols, mask=inside, other=float("-inf")).to(tl.float32)
         x = z * lp_scale
         bad = bad | ((x != x) | (x == float("inf"))).to(tl.int32)
         m, s = _online_lse_step(m, s, x)
         if GREEDY:
             key = z
         else:
-            key = z * inv_t + _philox_gumbel(v0 + cols.to(tl.int64), noise_row, k0, k1)
+            key = z * inv_t + _philox_gumbel(v0 + cols.to(tl.int64), noise_rows, k0, k1)
         key = tl.where(inside, key, float("-inf"))
         better = key > best  # strict: each lane keeps its first maximum
         best = tl.where(better, key, best)
         best_col = tl.where(better, cols, best_col)
-    top = tl.max(best, 0)
-    first = tl.min(tl.where(best == top, best_col, n_cols), 0)  # the first maximum of the row
+    top = tl.max(best, 1)
+    first = tl.min(tl.where(best == top[:, None], best_col, n_cols), 1)  # the row's first maximum
     first = tl.where(top == float("-inf"), 0, first)
-    tl.store(TOK + row, v0 + first.to(tl.int64))
-    tl.store(KEY + row, top)
-    tl.store(LSE + row, _finish_lse(m, s, bad))
+    tl.store(TOK + rows, v0 + first.to(tl.int64), mask=row_ok)
+    tl.store(KEY + rows, top, mask=row_ok)
+    tl.store(LSE + rows, _finish_lse(m, s, bad), mask=row_ok)
 
 
 @triton.jit
-def grad_rows_kernel(Z, stride_z, n_cols, LSE, IDX, COEF, scale, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    z_row = Z + row.to(tl.int64) * stride_z
-    lse = tl.load(LSE + row).to(tl.float32)
-    idx = tl.load(IDX + row)
-    coef = tl.load(COEF + row).to(tl.float32)
+def grad_rows_kernel(
+    Z, stride_z, n_rows, n_cols, LSE, IDX, COEF, scale, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    z_rows = Z + rows.to(tl.int64)[:, None] * stride_z
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    idx = tl.load(IDX + rows, mask=row_ok, other=-1)[:, None]
+    coef = tl.load(COEF + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        inside = cols < n_cols
-        x = tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32)
+        cols = c0 + tl.arange(0, BLOCK)[None, :]
+        inside = row_ok[:, None] & (cols < n_cols)
+        x = tl.load(z_rows + cols, mask=inside, other=0.0).to(tl.float32)
         p = tl.exp(x * scale - lse)
         d = coef * (tl.where(cols == idx, 1.0, 0.0) - p)
-        tl.store(z_row + cols, d.to(Z.dtype.element_ty), mask=inside)
+        tl.store(z_rows + cols, d.to(Z.dtype.element_ty), mask=inside)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "row0"])
-def gumbel_noise_kernel(OUT, n_cols, seed_lo, seed_hi, row0, BLOCK: tl.constexpr):
-    """The noise of rows [row0, row0 + grid) and ids [0, n_cols), float32 (for tests)."""
-    row = tl.program_id(0)
+def gumbel_noise_kernel(
+    OUT, n_rows, n_cols, seed_lo, seed_hi, row0, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr
+):
+    """The noise of rows [row0, row0 + n_rows) and ids [0, n_cols), float32 (for tests)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        g = _philox_gumbel(cols.to(tl.int64), (row0 + row).to(tl.uint32), k0, k1)
-        tl.store(OUT + row.to(tl.int64) * n_cols + cols, g, mask=cols < n_cols)
+        cols = c0 + tl.arange(0, BLOCK)[None, :]
+        g = _philox_gumbel(cols.to(tl.int64), (row0 + rows).to(tl.uint32)[:, None], k0, k1)
+        out = OUT + rows.to(tl.int64)[:, None] * n_cols + cols
+        tl.store(out, g, mask=row_ok[:, None] & (cols < n_cols))
