@@ -90,7 +90,7 @@ def _check_against_reference(backend, hb, ht, w, weight, target, dtype, tile_sha
     assert_close("logp", out, want, dtype, yard)
     assert torch.all(out[target == IGNORE] == 0)
 
-    g = torch.randn(out.shape, dtype=torch.float64)
+    g = torch.randn(out.shape, dtype=torch.float64).to(out.device)
     g[min(2, g.numel() - 1)] = 0.0  # a row whose gradient is skipped
     live = [i for i, t in enumerate(leaves) if t is not None]
     with tiles(tile_shape):
@@ -384,3 +384,34 @@ def test_bad_backend_names():
         mixed_token_logprobs(hb, ht, w, weight, target, backend="flash")
     with pytest.raises(TypeError, match=r"backend must be a str or None, got int 3"):
         mixed_token_logprobs(hb, ht, w, weight, target, backend=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU (skipped, with the reason, where there is none; `pytest -m gpu` selects these)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("N,V,H", [(33, 3001, 64), (1000, 50000, 128)])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_on_cuda_matches_reference(backend, N, V, H, dtype, seed):
+    hb, ht, w, weight, target = (None if t is None else t.cuda() for t in make_inputs(N, V, H, dtype))
+    tol_dtype = torch.float16 if dtype == torch.float32 else dtype
+    # GPU float32 GEMMs may run in TF32: hold float32 to the float16 criterion against its own
+    # plain computation, as the attention GPU tests do.
+    _check_against_reference(backend, hb, ht, w, weight, target, tol_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_automatic_choice_on_cuda_is_triton():
+    from qstar_kernels import _lm_head_dispatch as dispatch
+
+    assert (
+        dispatch.select_backend("mixed_token_logprobs", None, torch.device("cuda"), torch.bfloat16)
+        == "triton"
+    )

@@ -49,7 +49,7 @@ def logp_at(h, weight, banned, tokens, logprob_temperature=3.0):
     """The reference log-probabilities of given tokens (differentiable, in h's dtype)."""
     z = h @ weight.T
     if banned:
-        z = z.index_fill(1, torch.tensor(banned), float("-inf"))
+        z = z.index_fill(1, torch.tensor(banned, device=z.device), float("-inf"))
     return torch.log_softmax(z / logprob_temperature, dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
@@ -64,11 +64,12 @@ def assert_same_tokens(got, want, keys64, tol):
     assert differ.numel() <= max(1, got.numel() // 16), f"{differ.numel()} of {got.numel()} tokens differ"
 
 
-def _check(backend, case, dtype):
+def _check(backend, case, dtype, device="cpu"):
     N, V, H, T, banned = case["N"], case["V"], case["H"], case["T"], case["banned"]
-    h, weight = make_inputs(N, V, H, dtype)
+    h, weight = (t.to(device) for t in make_inputs(N, V, H, dtype))
     seed = int(torch.randint(0, 2**31, ()))
-    noise = thought_gumbel_noise(draw_sampling_seed(torch.Generator().manual_seed(seed)), N, V)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = thought_gumbel_noise(draw_sampling_seed(gen), N, V, device=device)
     h64, w64 = (t.detach().double() for t in (h, weight))
     want_tokens, _ = sample_thought_tokens_reference(h64, w64, noise, banned_ids=banned, temperature=T)
 
@@ -90,7 +91,7 @@ def _check(backend, case, dtype):
     )
     assert_same_tokens(tokens, want_tokens, keys, tol)
     if banned:
-        assert not torch.isin(tokens, torch.tensor(banned)).any()
+        assert not torch.isin(tokens, torch.tensor(banned, device=device)).any()
 
     # logp and its gradient, against the reference at our tokens
     r64 = [t.detach().double().requires_grad_() for t in (h, weight)]
@@ -101,7 +102,7 @@ def _check(backend, case, dtype):
         yard = logp_at(yl[0], yl[1], banned, tokens).float()
     assert logp.dtype == torch.float32
     assert_close("logp", logp, want, dtype, yard)
-    g = torch.randn(N, dtype=torch.float64)
+    g = torch.randn(N, dtype=torch.float64).to(device)
     g[0] = 0.0
     with tiles(case["tiles"]):
         grads = torch.autograd.grad((logp.double() * g).sum(), [hl, wl])
@@ -432,3 +433,36 @@ def test_bad_backend_name():
         ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton'\).*'cuda'"
     ):
         sample_thought_tokens(h, weight, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU (skipped, with the reason, where there is none; `pytest -m gpu` selects these)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize(
+    "case", [CASES[3], dict(N=1000, V=50000, H=128, T=1.0, banned=[3, 5], tiles=None)], ids=_case_id
+)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_on_cuda_matches_reference_token_for_token(backend, case, dtype, seed):
+    _check(backend, case, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_on_cuda_draws_the_documented_noise(seed):
+    """The GPU kernel draws the noise of the reference definition, as the CPU kernel does: the
+    same seed gives the same tokens on either device (up to float near-ties)."""
+    h, weight = make_inputs(64, 32000, 128)
+    noise = thought_gumbel_noise(draw_sampling_seed(torch.Generator(device="cuda").manual_seed(4)), 64, 32000)
+    want, _ = sample_thought_tokens_reference(h.double(), weight.double(), noise)
+    got, _ = sample_thought_tokens(
+        h.cuda(), weight.cuda(), generator=torch.Generator(device="cuda").manual_seed(4), backend="triton"
+    )
+    keys = masked_logits64(h, weight, None) + noise.double()
+    assert_same_tokens(got.cpu(), want, keys, 1e-3)  # float32 GEMMs may run in TF32 on the GPU

@@ -60,13 +60,8 @@ class Tiling:
 
 _override: Tiling | None = None
 
-# Tile shapes by device. CPU: 256 x 512 float32 (512 KiB, per thread) stays in L2 while its passes
-# run, and a single-threaded GEMM of that shape runs near peak. GPU: big tiles, so that each cuBLAS
-# call and row-kernel launch has enough work (untuned: no GPU was available to tune them).
-_CPU_TILE = (256, 512)
-_GPU_TILE = (2048, 16384)
 
-
+# The default tile shapes are attributes of each backend's passes (cpu_tile, gpu_tile).
 @contextlib.contextmanager
 def tiling_override(rows: int, cols: int):
     """Force a tile shape (tests use tiny tiles to exercise the merges across tiles)."""
@@ -78,11 +73,11 @@ def tiling_override(rows: int, cols: int):
         _override = old
 
 
-def choose_tiling(n_rows: int, vocab: int, device: torch.device) -> Tiling:
+def choose_tiling(n_rows: int, vocab: int, device: torch.device, passes: LMHeadPasses) -> Tiling:
     if _override is not None:
         rows, cols = _override.rows, _override.cols
     else:
-        rows, cols = _GPU_TILE if device.type == "cuda" else _CPU_TILE
+        rows, cols = passes.gpu_tile if device.type == "cuda" else passes.cpu_tile
     rows = max(1, min(rows, n_rows))
     cols = vocab if cols >= vocab else max(4, cols - cols % 4)
     return Tiling(rows, cols)
@@ -118,8 +113,8 @@ def _acc_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _Tiles:
     """Iterates the tiles of an (n, V) product, vocabulary blocks outer, and owns the buffer."""
 
-    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device, banned: torch.Tensor | None):
-        self.tiling = choose_tiling(n, vocab, device)
+    def __init__(self, n, vocab, dtype, device, banned: torch.Tensor | None, passes: LMHeadPasses):
+        self.tiling = choose_tiling(n, vocab, device, passes)
         self.n, self.vocab, self.device = n, vocab, device
         self.buf = _empty((self.tiling.rows * self.tiling.cols,), dtype, device)
         # The banned ids, sorted, on the CPU (a handful): each vocabulary block takes its own.
@@ -168,6 +163,11 @@ class LMHeadPasses:
 
     name = "?"
     lowp_gemm = False
+    # Default tiles (rows, vocabulary ids). The Python tile loop wants big tiles (few calls; 16 MiB
+    # of float32 on a CPU); on a GPU each cuBLAS call and kernel launch needs plenty of work
+    # (untuned: no GPU was available to tune them).
+    cpu_tile = (1024, 4096)
+    gpu_tile = (2048, 16384)
 
     def lse_pass(self, h, weight):
         raise NotImplementedError
@@ -207,7 +207,7 @@ class TiledPasses(LMHeadPasses):
         lse = torch.full((n,), _NEG_INF, dtype=acc, device=h.device)
         if n == 0:
             return lse
-        tiles = _Tiles(n, V, h.dtype, h.device, None)
+        tiles = _Tiles(n, V, h.dtype, h.device, None, self)
         lse_blk = _empty((tiles.tiling.rows,), acc, h.device)
         for v0, v1, _ in tiles.vocab_blocks():
             w_blk = weight[v0:v1]
@@ -227,7 +227,7 @@ class TiledPasses(LMHeadPasses):
         tokens = torch.zeros(n, dtype=torch.int64, device=h.device)
         if n == 0:
             return tokens, lse
-        tiles = _Tiles(n, V, h.dtype, h.device, banned)
+        tiles = _Tiles(n, V, h.dtype, h.device, banned, self)
         R = tiles.tiling.rows
         lse_blk = _empty((R,), acc, h.device)
         key_blk = _empty((R,), acc, h.device)
@@ -255,7 +255,7 @@ class TiledPasses(LMHeadPasses):
         grad_w = torch.zeros(V, H, dtype=acc, device=h.device) if need_w else None
         if n == 0:
             return grad_h, grad_w
-        tiles = _Tiles(n, V, h.dtype, h.device, banned)
+        tiles = _Tiles(n, V, h.dtype, h.device, banned, self)
         for v0, v1, banned_blk in tiles.vocab_blocks():
             w_blk = weight[v0:v1]
             index_blk = index - v0
