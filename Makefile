@@ -3,7 +3,7 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-regress clean
+.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-lm-head bench-lm-head-full bench-regress clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -14,6 +14,8 @@ help:
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
 	@echo "bench-full    the headline benchmark over the whole grid"
+	@echo "bench-lm-head the fused mixing/sampling ops vs materialised logits (benchmarks/mixing_ce.py)"
+	@echo "bench-lm-head-full  the same over the whole grid"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "clean         remove build products"
 
@@ -46,6 +48,12 @@ bench:
 
 bench-full:
 	$(PY) benchmarks/mask_attention.py --full
+
+bench-lm-head:
+	$(PY) benchmarks/mixing_ce.py
+
+bench-lm-head-full:
+	$(PY) benchmarks/mixing_ce.py --full
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only

@@ -7,7 +7,7 @@ Providers, op ``mixing`` (log-probabilities of targets under the mixing head, 10
 
   unfused        h = (1 - w) h_base + w h_thought; logits = h @ weight.T; log_softmax; gather
   cpu            qstar_kernels.mixed_token_logprobs(..., backend="cpu")   (GPU: triton instead)
-  torch          the portable tiled backend, only with --providers (slow to measure on a busy CPU)
+  torch          the same op on the portable tiled-PyTorch backend
 
 Providers, op ``sampling`` (one thought token per row at T=1, two banned ids, log-prob at T=3):
 
@@ -15,7 +15,7 @@ Providers, op ``sampling`` (one thought token per row at T=1, two banned ids, lo
   unfused_multinomial  logits; banned -> -inf; multinomial(softmax(logits)); log_softmax(z / 3)
   authors              logits; banned -> -1e10; F.gumbel_softmax(tau=1, hard=True) (the Quiet-STaR
                        code's way); log_softmax(z / 3)
-  cpu / torch          qstar_kernels.sample_thought_tokens(..., backend=...)   (as above)
+  cpu / torch          qstar_kernels.sample_thought_tokens(..., backend=...)   (GPU: triton instead of cpu)
 
 fwd+bwd: leaves h_base, h_thought, w, weight (h, weight) require grad; the backward is
 ``(logp * g).sum().backward()`` with a fixed random dense g (every row weighted: the fused backward

@@ -54,6 +54,8 @@ POISON = False
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
+    """A tile shape; the defaults are attributes of each backend's passes (cpu_tile, gpu_tile)."""
+
     rows: int  # rows per tile
     cols: int  # vocabulary ids per tile: a multiple of 4, or all of V
 
@@ -61,7 +63,6 @@ class Tiling:
 _override: Tiling | None = None
 
 
-# The default tile shapes are attributes of each backend's passes (cpu_tile, gpu_tile).
 @contextlib.contextmanager
 def tiling_override(rows: int, cols: int):
     """Force a tile shape (tests use tiny tiles to exercise the merges across tiles)."""
@@ -95,10 +96,10 @@ def _poison(t: torch.Tensor) -> None:
         t.fill_(float("nan") if t.is_floating_point() else -7)
 
 
-def _dtypes(x: torch.Tensor, kernels: LMHeadPasses) -> tuple[torch.dtype, torch.dtype]:
+def _dtypes(x: torch.Tensor, passes: LMHeadPasses) -> tuple[torch.dtype, torch.dtype]:
     """(accumulation dtype, GEMM/tile dtype) for inputs of x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gemm = x.dtype if (kernels.lowp_gemm and x.dtype in (torch.float16, torch.bfloat16)) else acc
+    gemm = x.dtype if (passes.lowp_gemm and x.dtype in (torch.float16, torch.bfloat16)) else acc
     return acc, gemm
 
 
