@@ -21,12 +21,16 @@ if DEVICE.type == "cuda" and not torch.cuda.is_available():
     pytest.skip("QSTAR_BENCH_DEVICE=cuda but no GPU is available", allow_module_level=True)
 
 
-@pytest.mark.parametrize("op", ["mixing", "sampling"])
-@pytest.mark.parametrize("provider", ["unfused", "unfused_gumbel", "cpu", "torch", "triton"])
+PAIRS = [("mixing", p) for p in ("unfused", "cpu", "torch", "triton")] + [
+    ("sampling", p) for p in ("unfused_gumbel", "unfused_multinomial", "authors", "cpu", "torch", "triton")
+]
+
+
+@pytest.mark.parametrize("op,provider", PAIRS)
 def test_fwd_bwd(benchmark, op, provider):
     provs = mc.providers(op, DEVICE, requested=[provider])
     if provider not in provs:
-        pytest.skip(f"{provider} is not a provider of {op} on {DEVICE.type} here")
+        pytest.skip(f"{provider} does not run on {DEVICE.type} here (triton: GPU only)")
     x = mc.make_inputs(CFG["N"], CFG["H"], CFG["V"], torch.float32, DEVICE, seed=0)
     x["gen"] = torch.Generator(device=DEVICE).manual_seed(0)
     for k in mc.LEAVES[op]:
