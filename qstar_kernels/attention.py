@@ -20,6 +20,7 @@ import torch
 from . import _ext
 from .backends import cpu as _cpu_backend
 from .backends import torch_backend as _torch_backend
+from .backends import triton_backend as _triton_backend
 from .reference import thought_attention_reference
 
 __all__ = ["thought_attention", "available_backends", "BACKENDS", "BackendUnavailableError"]
@@ -27,7 +28,7 @@ __all__ = ["thought_attention", "available_backends", "BACKENDS", "BackendUnavai
 logger = logging.getLogger("qstar_kernels")
 
 #: Every backend name the op knows, in order of preference on a CPU.
-BACKENDS = ("reference", "torch", "cpu")
+BACKENDS = ("reference", "torch", "cpu", "triton")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ENV_VAR = "QSTAR_BACKEND"
 _warned: set[str] = set()
@@ -57,6 +58,8 @@ def _why_not(backend: str, q: torch.Tensor) -> str | None:
                 f"({_ext.cpu_extension_error()}); reinstall with `pip install -e . --no-build-isolation`"
             )
         return None
+    if backend == "triton":
+        return _triton_backend.unavailable_reason(q)
     raise AssertionError(backend)
 
 
@@ -95,10 +98,13 @@ def _select_backend(backend: str | None, q: torch.Tensor) -> str:
             f"qstar_kernels.thought_attention: falling back to the slower 'torch' backend: {reason}",
         )
         return "torch"
+    reason = _why_not("triton", q)
+    if reason is None:
+        return "triton"
     _warn_once(
         f"no-fused-{q.device.type}",
-        f"qstar_kernels.thought_attention: no fused kernel for {q.device.type} tensors in this build; "
-        "using the structured 'torch' backend",
+        f"qstar_kernels.thought_attention: no fused kernel for these {q.device.type} tensors ({reason}); "
+        "using the slower structured 'torch' backend",
     )
     return "torch"
 
@@ -225,8 +231,9 @@ def thought_attention(
         sliding_window: optional window ``W`` on the text block (``i - j < W``).
         return_lse: also return the ``(B, Hq, L)`` float32 log-sum-exp (``-inf`` on rows that
             see nothing; float64 for float64 inputs). It is differentiable.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, or None to choose by device
-            (the ``QSTAR_BACKEND`` environment variable overrides the automatic choice).
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, or None to choose by device
+            (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors; the ``QSTAR_BACKEND``
+            environment variable overrides the automatic choice).
 
     Returns:
         ``out`` ``(B, Hq, L, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
@@ -244,4 +251,6 @@ def thought_attention(
         return _torch_backend.thought_attention_torch(q, k, v, **kwargs)
     if chosen == "cpu":
         return _cpu_backend.thought_attention_cpu(q, k, v, **kwargs)
+    if chosen == "triton":
+        return _triton_backend.thought_attention_triton(q, k, v, **kwargs)
     raise AssertionError(chosen)

@@ -1,0 +1,161 @@
+"""The ``"triton"`` backend: launchers for the kernels in ``triton_kernels``.
+
+It runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before the first
+use (the interpreter, for tests). Inputs are read in place through their strides (no copies, no
+``repeat_kv``); fp16/bf16 go through the tensor cores with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def unavailable_reason(q: torch.Tensor) -> str | None:
+    """None if the Triton kernels can run on tensors like ``q``, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton, or a CUDA build of torch, which ships it)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if q.device.type == "cpu":
+        if not interpret:
+            return (
+                "the Triton kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 "
+                "(the interpreter, for tests) set before the first Triton kernel is used"
+            )
+    elif q.device.type != "cuda":
+        return f"the Triton kernels run on CUDA tensors, got tensors on {q.device}"
+    elif interpret:
+        return "TRITON_INTERPRET=1 is set, so Triton would interpret instead of compiling for the GPU"
+    if q.dtype not in _SUPPORTED:
+        return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
+    if q.dim() == 4 and q.shape[-1] > MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    if _kernels().INTERPRETED != interpret:
+        return (
+            "TRITON_INTERPRET changed after the Triton kernels were first loaded "
+            f"(they were loaded {'for the interpreter' if _kernels().INTERPRETED else 'for the GPU'})"
+        )
+    return None
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products unless the user allowed TF32 for matmuls, as torch does.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _block_d(D: int) -> int:
+    """The head dim padded to a power of two >= 16 (tl.dot's smallest size)."""
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _common(q, k, keep):
+    tk = _kernels()
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    depth = k.shape[2] // L - 1
+    has_keep = keep is not None
+    if has_keep:
+        keep_arg = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+        keep_strides = (keep_arg.stride(0), keep_arg.stride(1))
+    else:
+        keep_arg = q  # never read
+        keep_strides = (0, 0)
+    upcast = tk.INTERPRETED  # the interpreter's bf16 arithmetic is wrong; fp32 is exact there
+    return tk, B, Hq, Hkv, L, D, depth, keep_arg, keep_strides, has_keep, upcast
+
+
+def forward(q, k, v, keep, scale: float, window: int):
+    """(out (B, Hq, L, D) in q.dtype, lse (B, Hq, L) float32)."""
+    tk, B, Hq, Hkv, L, D, depth, keep_arg, ks, has_keep, upcast = _common(q, k, keep)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
+    has_window = window > 0
+    grid = lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        tk.thought_attention_fwd_kernel[grid](
+            q, k, v, out, lse, keep_arg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ks,
+            Hq, L, D, depth, Hq // Hkv, window if has_window else 0, scale * tk.LOG2E,
+            HAS_KEEP=has_keep, HAS_WINDOW=has_window, UPCAST=upcast, PRECISION=_precision(q.dtype),
+            BLOCK_D=_block_d(D),
+        )  # fmt: skip
+    return out, lse
+
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: int):
+    """(dq, dk, dv) in the inputs' dtypes; ``grad_lse`` may be None."""
+    tk, B, Hq, Hkv, L, D, depth, keep_arg, ks, has_keep, upcast = _common(q, k, keep)
+    G = Hq // Hkv
+    has_window = window > 0
+    win = window if has_window else 0
+    block_d = _block_d(D)
+    precision = _precision(q.dtype)
+    delta = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # fp32: two kernels add into it
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    has_dlse = grad_lse is not None
+    dlse = grad_lse.contiguous() if has_dlse else lse
+    qk_scale = scale * tk.LOG2E
+    rows = lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        # delta, lse in base 2, and dQ of the diagonal keys (initialises dq).
+        tk.thought_attention_bwd_preprocess_kernel[rows](
+            q, k, v, out, grad_out, dlse, lse, delta, lse2, dq, keep_arg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *ks,
+            Hq, L, D, depth, G, qk_scale, scale,
+            HAS_DLSE=has_dlse, HAS_KEEP=has_keep, BLOCK_D=block_d,
+        )  # fmt: skip
+        # dK, dV of the text block; dQ += its text part; dK, dV of the thought blocks.
+        tk.thought_attention_bwd_dkdv_kernel[lambda meta: (_cdiv(L, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, grad_out, lse2, delta, dk, dv, keep_arg,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ks,
+            Hq, Hkv, L, D, G, win, qk_scale, scale,
+            HAS_KEEP=has_keep, HAS_WINDOW=has_window, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
+        )  # fmt: skip
+        tk.thought_attention_bwd_dq_kernel[rows](
+            q, k, v, grad_out, lse2, delta, dq, keep_arg,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ks,
+            Hq, L, D, G, win, qk_scale, scale,
+            HAS_KEEP=has_keep, HAS_WINDOW=has_window, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
+        )  # fmt: skip
+        if depth > 0:
+            tk.thought_attention_bwd_diag_kernel[lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hkv, depth)](
+                q, k, v, grad_out, lse2, delta, dk, dv, keep_arg,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ks,
+                Hq, Hkv, L, D, G, qk_scale, scale,
+                HAS_KEEP=has_keep, BLOCK_D=block_d,
+            )  # fmt: skip
+    return dq.to(q.dtype), dk, dv
+
+
+def thought_attention_triton(q, k, v, *, key_padding_mask=None, scale, sliding_window=None, return_lse=False):
+    from .._ops import thought_attention_op
+
+    keep = None if key_padding_mask is None else key_padding_mask.contiguous()
+    window = -1 if sliding_window is None else int(sliding_window)
+    out, lse = thought_attention_op(q, k, v, keep, float(scale), window, "triton")
+    if return_lse:
+        return out, lse
+    return out
