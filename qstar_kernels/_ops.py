@@ -91,7 +91,9 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, keep = ctx.saved_tensors
     if grad_out is None and grad_lse is None:
         return None, None, None, None, None, None, None
-    dq, dk, dv = thought_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, keep, ctx.scale, ctx.window, ctx.backend)
+    dq, dk, dv = thought_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, keep, ctx.scale, ctx.window, ctx.backend
+    )
     return dq, dk, dv, None, None, None, None
 
 

@@ -47,19 +47,27 @@ def _warn_once(key: str, msg: str) -> None:
 
 def _why_not(backend: str, q: torch.Tensor) -> str | None:
     """None if ``backend`` can run on tensors like ``q``, else the reason it cannot."""
+    head_dim = int(q.shape[-1]) if q.dim() == 4 else 0
+    return _unavailable(backend, q.device.type, q.dtype, head_dim) or None
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(backend: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """"" if ``backend`` can run on such tensors, else why not. A constant to torch.compile, which
+    then never traces the probes (imports, environment) behind it."""
     if backend in ("reference", "torch"):
-        return None
+        return ""
     if backend == "cpu":
-        if q.device.type != "cpu":
-            return f"the 'cpu' backend runs on CPU tensors, got tensors on {q.device}"
+        if device_type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, got tensors on {device_type}"
         if _ext.cpu_extension() is None:
             return (
                 "the C++ CPU extension qstar_kernels._C is not built or does not import "
                 f"({_ext.cpu_extension_error()}); reinstall with `pip install -e . --no-build-isolation`"
             )
-        return None
+        return ""
     if backend == "triton":
-        return _triton_backend.unavailable_reason(q)
+        return _triton_backend.unavailable_reason(device_type, dtype, head_dim) or ""
     raise AssertionError(backend)
 
 

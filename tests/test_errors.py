@@ -136,7 +136,9 @@ class TestBadInput:
 
 def test_unknown_backend():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton'\).*'flash'"):
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton'\).*'flash'"
+    ):
         thought_attention(q, k, v, backend="flash")
 
 

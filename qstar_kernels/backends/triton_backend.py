@@ -17,6 +17,15 @@ import torch
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
+#: Test hook: fill every buffer the kernels write with NaN first, so a test can check that each
+#: element was written.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
 
 @functools.cache
 def _kernels():
@@ -25,25 +34,25 @@ def _kernels():
     return triton_kernels
 
 
-def unavailable_reason(q: torch.Tensor) -> str | None:
-    """None if the Triton kernels can run on tensors like ``q``, else why not."""
+def unavailable_reason(device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if the Triton kernels can run on such tensors (``head_dim`` 0: not known), else why not."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton, or a CUDA build of torch, which ships it)"
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if q.device.type == "cpu":
+    if device_type == "cpu":
         if not interpret:
             return (
                 "the Triton kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 "
                 "(the interpreter, for tests) set before the first Triton kernel is used"
             )
-    elif q.device.type != "cuda":
-        return f"the Triton kernels run on CUDA tensors, got tensors on {q.device}"
+    elif device_type != "cuda":
+        return f"the Triton kernels run on CUDA tensors, got tensors on {device_type}"
     elif interpret:
         return "TRITON_INTERPRET=1 is set, so Triton would interpret instead of compiling for the GPU"
-    if q.dtype not in _SUPPORTED:
-        return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
-    if q.dim() == 4 and q.shape[-1] > MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    if dtype not in _SUPPORTED:
+        return f"the Triton kernels support float16, bfloat16 and float32, got {dtype}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={head_dim}"
     if _kernels().INTERPRETED != interpret:
         return (
             "TRITON_INTERPRET changed after the Triton kernels were first loaded "
@@ -87,8 +96,8 @@ def _common(q, k, keep):
 def forward(q, k, v, keep, scale: float, window: int):
     """(out (B, Hq, L, D) in q.dtype, lse (B, Hq, L) float32)."""
     tk, B, Hq, Hkv, L, D, depth, keep_arg, ks, has_keep, upcast = _common(q, k, keep)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
+    out = _empty(q.shape, like=q)
+    lse = _empty((B, Hq, L), like=q, dtype=torch.float32)
     has_window = window > 0
     grid = lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -110,11 +119,11 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
     win = window if has_window else 0
     block_d = _block_d(D)
     precision = _precision(q.dtype)
-    delta = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)
-    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # fp32: two kernels add into it
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    delta = _empty((B, Hq, L), like=q, dtype=torch.float32)
+    lse2 = _empty((B, Hq, L), like=q, dtype=torch.float32)
+    dq = _empty(q.shape, like=q, dtype=torch.float32)  # fp32: the diagonal and text parts add up here
+    dk = _empty(k.shape, like=k)
+    dv = _empty(v.shape, like=v)
     has_dlse = grad_lse is not None
     dlse = grad_lse.contiguous() if has_dlse else lse
     qk_scale = scale * tk.LOG2E

@@ -63,12 +63,18 @@ def head_dim_class(block_d: int) -> int:
 #: compiles them all). Forward/dQ: BLOCK_M query rows per program, BLOCK_N keys per tile.
 #: dK/dV: BLOCK_N keys per program, BLOCK_M query rows per tile. Elementwise kernels use BLOCK_M.
 CANDIDATES = {
-    "fwd": [(128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
-            (64, 32, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2)],
-    "bwd_dkdv": [(32, 128, 8, 2), (32, 128, 8, 1), (16, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2),
-                 (16, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2)],
-    "bwd_dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3),
-               (32, 32, 4, 3), (32, 32, 4, 2)],
+    "fwd": [
+        (128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+        (64, 32, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2),
+    ],
+    "bwd_dkdv": [
+        (32, 128, 8, 2), (32, 128, 8, 1), (16, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2),
+        (16, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2),
+    ],
+    "bwd_dq": [
+        (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3),
+        (32, 32, 4, 3), (32, 32, 4, 2),
+    ],
     "bwd_pre": [(128, 16, 8, 1), (64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
     "bwd_diag": [(128, 16, 8, 1), (64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
 }  # fmt: skip
@@ -141,7 +147,11 @@ def _prune(kind: str):
 
         arch = arch_family(torch.cuda.get_device_capability())
         allowed = set(CONFIG_TABLE[kind][(arch, head_dim_class(kwargs["BLOCK_D"]))])
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        keep = [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed
+        ]
         return keep
 
     return prune
@@ -150,9 +160,23 @@ def _prune(kind: str):
 _KEY = ["BLOCK_D", "L", "G"]
 
 
+def _autotune(kind: str):
+    return triton.autotune(
+        configs=_configs(kind), key=_KEY, prune_configs_by={"early_config_prune": _prune(kind)}
+    )
+
+
+# The kernels keep their argument lists compact: one argument per line would hide the maths.
+# fmt: off
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ptrs(base, rows, cols, stride_r, stride_c):
+    """Pointers of the (len(rows), len(cols)) tile at ``base``."""
+    return base + rows[:, None] * stride_r + cols[None, :] * stride_c
 
 
 @triton.jit
@@ -181,7 +205,7 @@ def _fwd_text_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kl, stride_kd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < L
-        kT = tl.load(K + k_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+        kT = tl.load(_ptrs(K + k_base, offs_d, offs_n, stride_kd, stride_kl),
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         if UPCAST:
             kT = kT.to(tl.float32)
@@ -194,7 +218,7 @@ def _fwd_text_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kl, stride_kd
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+        v = tl.load(_ptrs(V + v_base, offs_n, offs_d, stride_vl, stride_vd),
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
@@ -203,7 +227,7 @@ def _fwd_text_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kl, stride_kd
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@_autotune("fwd")
 @triton.jit
 def thought_attention_fwd_kernel(
     Q, K, V, Out, Lse, Keep,
@@ -229,7 +253,7 @@ def thought_attention_fwd_kernel(
     d_ok = offs_d < D
 
     # Load the Q tile.  (BLOCK_M, BLOCK_D)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
+    q_ptrs = _ptrs(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -263,7 +287,7 @@ def thought_attention_fwd_kernel(
         diag_ok = diag_ok & (row_keep != 0)
     for step in range(0, DEPTH):
         rows = (step + 1) * L + offs_m
-        kd = tl.load(K + k_base + rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+        kd = tl.load(_ptrs(K + k_base, rows, offs_d, stride_kl, stride_kd),
                      mask=diag_ok[:, None] & d_ok[None, :], other=0.0)
         sd = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
         sd = tl.where(diag_ok, sd, float("-inf"))
@@ -272,7 +296,7 @@ def thought_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(sd - m_ref)
         l_i = l_i * alpha + p
-        vd = tl.load(V + v_base + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+        vd = tl.load(_ptrs(V + v_base, rows, offs_d, stride_vl, stride_vd),
                      mask=diag_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + p[:, None] * vd
         m_i = m_new
@@ -281,7 +305,7 @@ def thought_attention_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
+    o_ptrs = _ptrs(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh * L + offs_m, lse, mask=m_ok)
 
@@ -293,7 +317,7 @@ def thought_attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("bwd_pre"), key=_KEY, prune_configs_by={"early_config_prune": _prune("bwd_pre")})
+@_autotune("bwd_pre")
 @triton.jit
 def thought_attention_bwd_preprocess_kernel(
     Q, K, V, Out, dOut, dLse, Lse, Delta, Lse2, dQ, Keep,
@@ -321,9 +345,9 @@ def thought_attention_bwd_preprocess_kernel(
     m_ok = offs_m < L
     d_ok = offs_d < D
     mask = m_ok[:, None] & d_ok[None, :]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+    o = tl.load(_ptrs(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od),
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+    do = tl.load(_ptrs(dOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd),
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
@@ -334,7 +358,7 @@ def thought_attention_bwd_preprocess_kernel(
     tl.store(Lse2 + pid_bh * L + offs_m, lse2, mask=m_ok)
 
     # dQ from the diagonal keys: dS_s = P_s (dO . v_s - delta), dQ += dS_s k_s.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+    q = tl.load(_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
                 mask=mask, other=0.0).to(tl.float32)
     diag_ok = m_ok
     if HAS_KEEP:
@@ -346,18 +370,18 @@ def thought_attention_bwd_preprocess_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(0, DEPTH):
         rows = (step + 1) * L + offs_m
-        kd = tl.load(K + k_base + rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+        kd = tl.load(_ptrs(K + k_base, rows, offs_d, stride_kl, stride_kd),
                      mask=d_mask, other=0.0).to(tl.float32)
-        vd = tl.load(V + v_base + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+        vd = tl.load(_ptrs(V + v_base, rows, offs_d, stride_vl, stride_vd),
                      mask=d_mask, other=0.0).to(tl.float32)
         pd = tl.where(diag_ok, tl.exp2(tl.sum(q * kd, 1) * qk_scale - lse2), 0.0)
         dsd = pd * (tl.sum(do * vd, 1) - delta)
         dq += dsd[:, None] * kd
-    tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+    tl.store(_ptrs(dQ + b * stride_dqb + h * stride_dqh, offs_m, offs_d, stride_dql, stride_dqd),
              dq * sm_scale, mask=mask)
 
 
-@triton.autotune(configs=_configs("bwd_dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune("bwd_dkdv")})
+@_autotune("bwd_dkdv")
 @triton.jit
 def thought_attention_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse2, Delta, dK, dV, Keep,
@@ -383,9 +407,9 @@ def thought_attention_bwd_dkdv_kernel(
     n_ok = offs_n < L
     d_ok = offs_d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+    k = tl.load(_ptrs(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kl, stride_kd),
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+    v = tl.load(_ptrs(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vl, stride_vd),
                 mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -411,9 +435,9 @@ def thought_attention_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < L
             qo_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+            q = tl.load(_ptrs(Q + q_base, offs_m, offs_d, stride_ql, stride_qd),
                         mask=qo_mask, other=0.0)
-            do = tl.load(dOut + g_base + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+            do = tl.load(_ptrs(dOut + g_base, offs_m, offs_d, stride_gl, stride_gd),
                          mask=qo_mask, other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
@@ -431,14 +455,14 @@ def thought_attention_bwd_dkdv_kernel(
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
-    dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd
-    dv_ptrs = dV + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd
+    dk_ptrs = _ptrs(dK + b * stride_dkb + hk * stride_dkh, offs_n, offs_d, stride_dkl, stride_dkd)
+    dv_ptrs = _ptrs(dV + b * stride_dkb + hk * stride_dkh, offs_n, offs_d, stride_dkl, stride_dkd)
     tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _bwd_dq_text_tiles(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+def _bwd_dq_text_tiles(dq, q, do, lse2, delta, Kh, Vh, stride_kl, stride_kd, stride_vl, stride_vd,
                        offs_m, offs_d, lo, hi, L, D, qk_scale, Keep, keep_base, stride_keep_l, WINDOW,
                        CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -447,8 +471,8 @@ def _bwd_dq_text_tiles(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kl, 
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < L)[:, None] & d_ok[None, :]
-        k = tl.load(K + k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(_ptrs(Kh, offs_n, offs_d, stride_kl, stride_kd), mask=kv_mask, other=0.0)
+        v = tl.load(_ptrs(Vh, offs_n, offs_d, stride_vl, stride_vd), mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -462,7 +486,7 @@ def _bwd_dq_text_tiles(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kl, 
     return dq
 
 
-@triton.autotune(configs=_configs("bwd_dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune("bwd_dq")})
+@_autotune("bwd_dq")
 @triton.jit
 def thought_attention_bwd_dq_kernel(
     Q, K, V, dOut, Lse2, Delta, dQ, Keep,
@@ -488,9 +512,9 @@ def thought_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
     qo_mask = m_ok[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+    q = tl.load(_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
                 mask=qo_mask, other=0.0)
-    do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+    do = tl.load(_ptrs(dOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd),
                  mask=qo_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -507,18 +531,20 @@ def thought_attention_bwd_dq_kernel(
         lo = tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
     mid = tl.maximum(start_m // BLOCK_N * BLOCK_N, lo)
     hi = tl.minimum(start_m + BLOCK_M, L)
-    dq = _bwd_dq_text_tiles(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kl, stride_kd, stride_vl,
-                            stride_vd, offs_m, offs_d, lo, mid, L, D, qk_scale, Keep, keep_base, stride_keep_l,
-                            WINDOW, False, HAS_KEEP, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION)
-    dq = _bwd_dq_text_tiles(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kl, stride_kd, stride_vl,
-                            stride_vd, offs_m, offs_d, mid, hi, L, D, qk_scale, Keep, keep_base, stride_keep_l,
-                            WINDOW, True, HAS_KEEP, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION)
-    dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd
+    dq = _bwd_dq_text_tiles(dq, q, do, lse2, delta, K + k_base, V + v_base, stride_kl, stride_kd,
+                            stride_vl, stride_vd, offs_m, offs_d, lo, mid, L, D, qk_scale,
+                            Keep, keep_base, stride_keep_l, WINDOW,
+                            False, HAS_KEEP, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION)
+    dq = _bwd_dq_text_tiles(dq, q, do, lse2, delta, K + k_base, V + v_base, stride_kl, stride_kd,
+                            stride_vl, stride_vd, offs_m, offs_d, mid, hi, L, D, qk_scale,
+                            Keep, keep_base, stride_keep_l, WINDOW,
+                            True, HAS_KEEP, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION)
+    dq_ptrs = _ptrs(dQ + b * stride_dqb + h * stride_dqh, offs_m, offs_d, stride_dql, stride_dqd)
     dq = dq * sm_scale + tl.load(dq_ptrs, mask=qo_mask, other=0.0)
     tl.store(dq_ptrs, dq, mask=qo_mask)
 
 
-@triton.autotune(configs=_configs("bwd_diag"), key=_KEY, prune_configs_by={"early_config_prune": _prune("bwd_diag")})
+@_autotune("bwd_diag")
 @triton.jit
 def thought_attention_bwd_diag_kernel(
     Q, K, V, dOut, Lse2, Delta, dK, dV, Keep,
@@ -548,17 +574,17 @@ def thought_attention_bwd_diag_kernel(
         diag_ok = diag_ok & (row_keep != 0)
     rows = (step + 1) * L + offs_m
     d_mask = diag_ok[:, None] & d_ok[None, :]
-    kd = tl.load(K + b * stride_kb + hk * stride_kh + rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+    kd = tl.load(_ptrs(K + b * stride_kb + hk * stride_kh, rows, offs_d, stride_kl, stride_kd),
                  mask=d_mask, other=0.0).to(tl.float32)
-    vd = tl.load(V + b * stride_vb + hk * stride_vh + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+    vd = tl.load(_ptrs(V + b * stride_vb + hk * stride_vh, rows, offs_d, stride_vl, stride_vd),
                  mask=d_mask, other=0.0).to(tl.float32)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for g in range(0, G):
         h = hk * G + g
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+        q = tl.load(_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
                     mask=d_mask, other=0.0).to(tl.float32)
-        do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+        do = tl.load(_ptrs(dOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd),
                      mask=d_mask, other=0.0).to(tl.float32)
         lse2 = tl.load(Lse2 + (b * Hq + h) * L + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(Delta + (b * Hq + h) * L + offs_m, mask=m_ok, other=0.0)
@@ -568,6 +594,7 @@ def thought_attention_bwd_diag_kernel(
         dk += dsd[:, None] * q
     dk = dk * sm_scale
     out_mask = m_ok[:, None] & d_ok[None, :]
-    base = b * stride_dkb + hk * stride_dkh + rows[:, None] * stride_dkl + offs_d[None, :] * stride_dkd
-    tl.store(dK + base, dk.to(dK.dtype.element_ty), mask=out_mask)
-    tl.store(dV + base, dv.to(dV.dtype.element_ty), mask=out_mask)
+    off = b * stride_dkb + hk * stride_dkh
+    tl.store(_ptrs(dK + off, rows, offs_d, stride_dkl, stride_dkd), dk.to(dK.dtype.element_ty), mask=out_mask)
+    tl.store(_ptrs(dV + off, rows, offs_d, stride_dkl, stride_dkd), dv.to(dV.dtype.element_ty), mask=out_mask)
+# fmt: on
