@@ -96,20 +96,29 @@ def reference64(q, k, v, **kw):
     return thought_attention_reference(q.double(), k.double(), v.double(), **kw)
 
 
-def skip_unavailable(backend):
-    if backend not in qstar_kernels.available_backends("cpu"):
+def skip_unavailable(backend, device="cpu"):
+    if backend not in qstar_kernels.available_backends(device):
         pytest.fail(f"backend {backend!r} is not available in this build; build it before testing")
 
 
-def run_backend_case(backend, c, dtype, check_backward=True, B=2, Hkv=2):
+def run_backend_case(backend, c, dtype, check_backward=True, B=2, Hkv=2, device="cpu"):
     """One case ``c`` (L, depth, G, D, pad, window, layout) of ``backend`` against the float64
     reference: out and lse, then dq, dk, dv through both (the lse gradient included)."""
-    skip_unavailable(backend)
+    skip_unavailable(backend, device)
     Hq = Hkv * c["G"]
     q, k, v = make_qkv(
-        B, Hq, Hkv, c["L"], c["depth"], c["D"], dtype=dtype, requires_grad=True, layout=c["layout"]
+        B,
+        Hq,
+        Hkv,
+        c["L"],
+        c["depth"],
+        c["D"],
+        dtype=dtype,
+        requires_grad=True,
+        layout=c["layout"],
+        device=device,
     )
-    keep = make_padding(B, c["L"], c["pad"])
+    keep = make_padding(B, c["L"], c["pad"], device=device)
     kw = dict(key_padding_mask=keep, sliding_window=c["window"])
 
     out, lse = qstar_kernels.thought_attention(q, k, v, return_lse=True, backend=backend, **kw)
