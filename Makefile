@@ -3,7 +3,7 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-regress clean
+.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-gpu bench-model triton-resources bench-regress clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -14,6 +14,9 @@ help:
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
 	@echo "bench-full    the headline benchmark over the whole grid"
+	@echo "bench-gpu     the headline benchmark on the GPU (L=256, depth 1-20, bf16, Mistral heads; + L=1024)"
+	@echo "bench-model   the analytic H100 model of thought attention (FLOPs, bytes, implied times)"
+	@echo "triton-resources  compile the Triton kernels for sm_80/sm_90: registers, smem, spills"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "clean         remove build products"
 
@@ -46,6 +49,15 @@ bench:
 
 bench-full:
 	$(PY) benchmarks/mask_attention.py --full
+
+bench-gpu:
+	$(PY) benchmarks/mask_attention.py --device cuda --full --check
+
+bench-model:
+	$(PY) benchmarks/attention_model.py
+
+triton-resources:
+	env -u TRITON_INTERPRET $(PY) scripts/triton_resources.py --json benchmarks/results/triton_resources_bf16.json
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only

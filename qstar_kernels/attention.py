@@ -53,8 +53,8 @@ def _why_not(backend: str, q: torch.Tensor) -> str | None:
 
 @torch.compiler.assume_constant_result
 def _unavailable(backend: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
-    """"" if ``backend`` can run on such tensors, else why not. A constant to torch.compile, which
-    then never traces the probes (imports, environment) behind it."""
+    """The reason ``backend`` cannot run on such tensors, or the empty string if it can. A constant
+    to torch.compile, which then never traces the probes (imports, environment) behind it."""
     if backend in ("reference", "torch"):
         return ""
     if backend == "cpu":

@@ -84,7 +84,7 @@ CANDIDATES = {
 #: for D=64 and D=128; D=256 has small tiles but no such guarantee).
 CONFIG_TABLE = {
     "fwd": {
-        (80, 64): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 2)],
+        (80, 64): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
         (90, 64): [(128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
         (80, 128): [(128, 32, 8, 2), (64, 32, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2)],
         (90, 128): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2)],
@@ -103,7 +103,7 @@ CONFIG_TABLE = {
         (80, 64): [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
         (90, 64): [(32, 128, 8, 2), (16, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
         (80, 128): [(16, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (16, 64, 4, 2)],
-        (90, 128): [(32, 128, 8, 2), (32, 128, 8, 1), (64, 64, 8, 2), (16, 64, 4, 3), (16, 64, 4, 2)],
+        (90, 128): [(32, 128, 8, 2), (32, 128, 8, 1), (16, 64, 4, 3), (16, 64, 4, 2)],
         (80, 256): [(16, 32, 4, 2)],
         (90, 256): [(16, 32, 4, 2)],
     },
@@ -243,7 +243,7 @@ def thought_attention_fwd_kernel(
     # One program: BLOCK_M query rows of one (batch, query head).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
+    b = (pid_bh // Hq).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = pid_bh % Hq
     hk = h // G
     start_m = pid_m * BLOCK_M
@@ -337,7 +337,7 @@ def thought_attention_bwd_preprocess_kernel(
     diagonal keys, which initialises dQ (the text-tile kernel adds its part)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
+    b = (pid_bh // Hq).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = pid_bh % Hq
     hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -399,7 +399,7 @@ def thought_attention_bwd_dkdv_kernel(
     the G query heads that read it (no atomics), and over the query tiles at or after its keys."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)  # batch offsets can pass 2**31 elements
     hk = pid_bh % Hkv
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -504,7 +504,7 @@ def thought_attention_bwd_dq_kernel(
     part that the preprocess kernel wrote into the fp32 dQ."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
+    b = (pid_bh // Hq).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = pid_bh % Hq
     hk = h // G
     start_m = pid_m * BLOCK_M
@@ -562,7 +562,7 @@ def thought_attention_bwd_diag_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     step = tl.program_id(2)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)  # batch offsets can pass 2**31 elements
     hk = pid_bh % Hkv
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
