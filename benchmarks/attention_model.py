@@ -125,15 +125,13 @@ def model(provider: str, cfg: dict, mode: str) -> dict:
         launches += 1
         if fb:
             tc += 5 * 2 * entries * D
-            simt += 4 * 2 * B * Hq * a * L * D  # p, dp, dq, (dk, dv in the diag kernel)
-            # preprocess: out, dout, q, thought k/v -> delta, dq; text dk/dv: q, dout, k, v;
-            # dq: q, dout, k, v, dq; diag dk/dv: q, dout, thought k/v -> dk, dv.
+            simt += 5 * 2 * B * Hq * a * L * D  # s, dp, dq, dk, dv per diagonal key
             thought_kv = kv_bytes - kv_text_bytes
-            nbytes += 3 * q_bytes + 2 * thought_kv + 2 * q_bytes  # preprocess (dq in fp32)
-            nbytes += 2 * q_bytes + 4 * kv_text_bytes  # text dk, dv
-            nbytes += 2 * q_bytes + 2 * kv_text_bytes + 4 * q_bytes  # dq (read + write fp32)
-            nbytes += 2 * q_bytes + 4 * thought_kv  # diag dk, dv
-            launches += 4
+            # row kernel: q, out, dout, thought k/v -> delta, fp32 dq, thought dk/dv (each once)
+            nbytes += 3 * q_bytes + 2 * thought_kv + 2 * q_bytes + 2 * thought_kv
+            nbytes += 2 * q_bytes + 4 * kv_text_bytes  # text dk, dv: q, dout, k, v -> dk, dv
+            nbytes += 2 * q_bytes + 2 * kv_text_bytes + 4 * q_bytes  # text dq: + read/write fp32 dq
+            launches += 3
     elif provider == "flash_attn":
         # Causal attention over the text block alone: the floor.
         entries = B * Hq * _diag_tile_entries(L, TILE)

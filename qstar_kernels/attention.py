@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import _ext
+from . import _ext, _ops  # noqa: F401  (_ops registers the qstar:: custom ops at import)
 from .backends import cpu as _cpu_backend
 from .backends import torch_backend as _torch_backend
 from .backends import triton_backend as _triton_backend

@@ -6,7 +6,7 @@ registers, shared memory and spills of every config the autotuner may pick.
 
 Each kernel is specialised exactly as a launch would specialise it (16-byte aligned pointers,
 unit strides folded into constants, sizes divisible by 16 marked so) for Mistral-like shapes:
-B=1, Hq=32, Hkv=8, L=256, depth 14, contiguous tensors. Triton generates PTX, the ptxas that
+B=1, Hkv=8, Hq=8*G (G=4: Mistral), L=256, depth 14, contiguous tensors. Triton generates PTX, the ptxas that
 ships with Triton builds the cubin, and ptxas is then re-run with ``-v`` on the same PTX and the
 same flags to read its resource report. Exits 1 if any config spills at a head dim listed in
 ``--no-spill-dims`` (default 128).
@@ -30,18 +30,19 @@ import torch  # noqa: E402
 
 KERNELS = {
     "fwd": "thought_attention_fwd_kernel",
-    "bwd_pre": "thought_attention_bwd_preprocess_kernel",
+    "bwd_rows": "thought_attention_bwd_rows_kernel",
     "bwd_dkdv": "thought_attention_bwd_dkdv_kernel",
     "bwd_dq": "thought_attention_bwd_dq_kernel",
-    "bwd_diag": "thought_attention_bwd_diag_kernel",
 }
+HKV = 8  # Mistral's key/value heads; the query heads are HKV * G
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _args(kind: str, D: int, dtype: torch.dtype) -> dict:
+def _args(kind: str, D: int, dtype: torch.dtype, G: int) -> dict:
     """Example arguments of one kernel, by name (tensors stay on the CPU: only their dtype and
     alignment matter for the specialisation)."""
-    B, Hq, Hkv, L, depth = 1, 32, 8, 256, 14
+    B, Hkv, L, depth = 1, HKV, 256, 14
+    Hq = Hkv * G
     q = torch.empty(B, Hq, L, D, dtype=dtype)
     k = torch.empty(B, Hkv, (depth + 1) * L, D, dtype=dtype)
     f32 = torch.empty(B, Hq, L, dtype=torch.float32)
@@ -65,17 +66,16 @@ def _args(kind: str, D: int, dtype: torch.dtype) -> dict:
         **strides("stride_k", k), **strides("stride_v", k), **strides("stride_g", q),
         stride_keep_b=L, stride_keep_l=1, Hq=Hq, L=L, D=D, G=Hq // Hkv, qk_scale=qk_scale, sm_scale=D**-0.5,
     )  # fmt: skip
-    if kind == "bwd_pre":
+    if kind == "bwd_rows":
         return dict(
-            base, Out=q, dLse=f32, Lse=f32, dQ=f32q, **strides("stride_o", q), **strides("stride_dq", f32q),
-            DEPTH=depth, HAS_DLSE=True, **common,
+            base, Out=q, dLse=f32, Lse=f32, dQ=f32q, dK=k, dV=k, **strides("stride_o", q),
+            **strides("stride_dq", f32q), **strides("stride_dk", k), Hkv=Hkv, DEPTH=depth, HAS_DLSE=True,
+            G_PAD=1 << (G - 1).bit_length(), **common,
         )  # fmt: skip
     if kind == "bwd_dkdv":
         return dict(base, dK=k, dV=k, **strides("stride_dk", k), Hkv=Hkv, WINDOW=0, **flags, **common)
     if kind == "bwd_dq":
         return dict(base, dQ=f32q, **strides("stride_dq", f32q), WINDOW=0, **flags, **common)
-    if kind == "bwd_diag":
-        return dict(base, dK=k, dV=k, **strides("stride_dk", k), Hkv=Hkv, **common)
     raise KeyError(kind)
 
 
@@ -132,7 +132,7 @@ def _ptxas_report(ptx: str, cc: int) -> dict:
 
 
 def compile_one(job):
-    kind, D, dtype_name, cc, spec = job
+    kind, D, dtype_name, cc, G, spec = job
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -140,12 +140,12 @@ def compile_one(job):
 
     kernel = getattr(tk, KERNELS[kind])
     config = tk._cfgs(spec)[0]
-    src = _source(kernel.fn, _args(kind, D, DTYPES[dtype_name]), config)
+    src = _source(kernel.fn, _args(kind, D, DTYPES[dtype_name], G), config)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     rep = _ptxas_report(compiled.asm["ptx"], cc)
     return dict(
-        kernel=kind, head_dim=D, dtype=dtype_name, arch=f"sm_{cc}",
+        kernel=kind, head_dim=D, dtype=dtype_name, arch=f"sm_{cc}", G=G,
         BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
         num_warps=config.num_warps, num_stages=config.num_stages,
         shared_bytes=int(compiled.metadata.shared), cubin_bytes=len(compiled.asm["cubin"]), **rep,
@@ -157,6 +157,13 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--archs", type=int, nargs="+", default=[80, 90])
+    ap.add_argument(
+        "--groups",
+        type=int,
+        nargs="+",
+        default=[4, 1, 8],
+        help="GQA group sizes Hq/Hkv; the row kernel's tiles hold a whole group (4 is Mistral's)",
+    )
     ap.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=list(KERNELS))
     ap.add_argument("--no-spill-dims", type=int, nargs="*", default=[128])
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -168,17 +175,19 @@ def main(argv=None) -> int:
 
     from qstar_kernels.backends import triton_kernels as tk
 
-    def specs(kind, cc, D):
+    def specs(kind, cc, D, G):
         if args.candidates:
             return tk.CANDIDATES[kind]
-        return tk.CONFIG_TABLE[kind][(tk.arch_family((cc // 10, cc % 10)), tk.head_dim_class(max(16, D)))]
+        g_pad = 1 << (G - 1).bit_length()
+        return tk.table_specs(kind, tk.arch_family((cc // 10, cc % 10)), max(16, D), g_pad)
 
     jobs = [
-        (kind, D, args.dtype, cc, spec)
+        (kind, D, args.dtype, cc, G, spec)
         for kind in args.kernels
         for D in args.head_dims
         for cc in args.archs
-        for spec in specs(kind, cc, D)
+        for G in (args.groups if kind == "bwd_rows" else [args.groups[0]])
+        for spec in specs(kind, cc, D, G)
     ]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(compile_one, jobs))
@@ -186,13 +195,14 @@ def main(argv=None) -> int:
     import triton
 
     print(f"Triton {triton.__version__}, torch {torch.__version__}; compiled without a GPU for {args.archs}")
-    head = f"{'kernel':9} {'D':>4} {'arch':6} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} "
+    head = f"{'kernel':9} {'D':>4} {'G':>2} {'arch':6} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} "
     head += f"{'regs':>5} {'smem KB':>8} {'spill st':>8} {'spill ld':>8} {'stack':>6}"
     print(head)
     bad = []
     for r in rows:
         print(
-            f"{r['kernel']:9} {r['head_dim']:>4} {r['arch']:6} {r['BLOCK_M']:>4} {r['BLOCK_N']:>4} "
+            f"{r['kernel']:9} {r['head_dim']:>4} {r['G']:>2} {r['arch']:6} "
+            f"{r['BLOCK_M']:>4} {r['BLOCK_N']:>4} "
             f"{r['num_warps']:>5} {r['num_stages']:>6} {r['registers']:>5} {r['shared_bytes'] / 1024:>8.1f} "
             f"{r['spill_stores']:>8} {r['spill_loads']:>8} {r['stack_frame']:>6}"
         )

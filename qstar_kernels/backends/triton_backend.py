@@ -68,9 +68,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def _block_d(D: int) -> int:
     """The head dim padded to a power of two >= 16 (tl.dot's smallest size)."""
-    return max(16, 1 << (D - 1).bit_length())
+    return max(16, _pow2(D))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -129,14 +133,16 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
     qk_scale = scale * tk.LOG2E
     rows = lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        # delta, lse in base 2, and dQ of the diagonal keys (initialises dq).
-        tk.thought_attention_bwd_preprocess_kernel[rows](
-            q, k, v, out, grad_out, dlse, lse, delta, lse2, dq, keep_arg,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *ks,
-            Hq, L, D, depth, G, qk_scale, scale,
-            HAS_DLSE=has_dlse, HAS_KEEP=has_keep, BLOCK_D=block_d,
+        # Per row, for the G query heads of each kv head: delta, the lse in base 2, and the whole
+        # diagonal part (dK, dV of the thought blocks; dQ's diagonal part initialises dq).
+        tk.thought_attention_bwd_rows_kernel[lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hkv)](
+            q, k, v, out, grad_out, dlse, lse, delta, lse2, dq, dk, dv, keep_arg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+            *dk.stride(), *ks,
+            Hq, Hkv, L, D, depth, G, qk_scale, scale,
+            HAS_DLSE=has_dlse, HAS_KEEP=has_keep, G_PAD=_pow2(G), BLOCK_D=block_d,
         )  # fmt: skip
-        # dK, dV of the text block; dQ += its text part; dK, dV of the thought blocks.
+        # The text block: dK, dV (one program per key tile), then dQ += its text part.
         tk.thought_attention_bwd_dkdv_kernel[lambda meta: (_cdiv(L, meta["BLOCK_N"]), B * Hkv)](
             q, k, v, grad_out, lse2, delta, dk, dv, keep_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ks,
@@ -149,13 +155,6 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
             Hq, L, D, G, win, qk_scale, scale,
             HAS_KEEP=has_keep, HAS_WINDOW=has_window, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
         )  # fmt: skip
-        if depth > 0:
-            tk.thought_attention_bwd_diag_kernel[lambda meta: (_cdiv(L, meta["BLOCK_M"]), B * Hkv, depth)](
-                q, k, v, grad_out, lse2, delta, dk, dv, keep_arg,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ks,
-                Hq, Hkv, L, D, G, qk_scale, scale,
-                HAS_KEEP=has_keep, BLOCK_D=block_d,
-            )  # fmt: skip
     return dq.to(q.dtype), dk, dv
 
 

@@ -75,8 +75,8 @@ CANDIDATES = {
         (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3),
         (32, 32, 4, 3), (32, 32, 4, 2),
     ],
-    "bwd_pre": [(128, 16, 8, 1), (64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
-    "bwd_diag": [(128, 16, 8, 1), (64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    # BLOCK_M rows of G_PAD heads each; the table below gives BLOCK_M * G_PAD.
+    "bwd_rows": [(bm, 16, w, 1) for bm in (1, 2, 4, 8, 16, 32, 64, 128) for w in (4, 8)],
 }  # fmt: skip
 
 #: What the autotuner may pick on a GPU: per kernel, per (arch family, head-dim class), the
@@ -91,11 +91,12 @@ CONFIG_TABLE = {
         (80, 256): [(32, 32, 4, 2)],
         (90, 256): [(32, 32, 4, 2)],
     },
-    "bwd_pre": {
-        (80, 64): [(64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)],
-        (90, 64): [(64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)],
-        (80, 128): [(64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
-        (90, 128): [(64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    # bwd_rows: (BLOCK_M * G_PAD, -, warps, stages): its tiles hold the G query heads of a kv head.
+    "bwd_rows": {
+        (80, 64): [(128, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)],
+        (90, 64): [(128, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)],
+        (80, 128): [(64, 16, 8, 1), (32, 16, 8, 1), (16, 16, 4, 1)],
+        (90, 128): [(64, 16, 8, 1), (32, 16, 8, 1), (16, 16, 4, 1)],
         (80, 256): [(16, 16, 4, 1)],
         (90, 256): [(16, 16, 4, 1)],
     },
@@ -115,19 +116,15 @@ CONFIG_TABLE = {
         (80, 256): [(32, 32, 4, 2)],
         (90, 256): [(32, 32, 4, 2)],
     },
-    "bwd_diag": {
-        (80, 64): [(64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)],
-        (90, 64): [(64, 16, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)],
-        (80, 128): [(64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
-        (90, 128): [(64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
-        (80, 256): [(16, 16, 4, 1)],
-        (90, 256): [(16, 16, 4, 1)],
-    },
 }
 
 
-def gpu_configs(kind: str, arch: int, block_d: int) -> list:
-    return _cfgs(*CONFIG_TABLE[kind][(arch, head_dim_class(block_d))])
+def table_specs(kind: str, arch: int, block_d: int, g_pad: int = 1) -> list[tuple]:
+    """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may pick for one launch."""
+    specs = CONFIG_TABLE[kind][(arch, head_dim_class(block_d))]
+    if kind == "bwd_rows":  # the table holds BLOCK_M * G_PAD
+        specs = [(max(1, r // g_pad), bn, w, st) for r, bn, w, st in specs]
+    return specs
 
 
 def _configs(kind: str):
@@ -146,7 +143,7 @@ def _prune(kind: str):
         import torch
 
         arch = arch_family(torch.cuda.get_device_capability())
-        allowed = set(CONFIG_TABLE[kind][(arch, head_dim_class(kwargs["BLOCK_D"]))])
+        allowed = set(table_specs(kind, arch, kwargs["BLOCK_D"], kwargs.get("G_PAD", 1)))
         keep = [
             c
             for c in configs
@@ -317,68 +314,82 @@ def thought_attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@_autotune("bwd_pre")
+@_autotune("bwd_rows")
 @triton.jit
-def thought_attention_bwd_preprocess_kernel(
-    Q, K, V, Out, dOut, dLse, Lse, Delta, Lse2, dQ, Keep,
+def thought_attention_bwd_rows_kernel(
+    Q, K, V, Out, dOut, dLse, Lse, Delta, Lse2, dQ, dK, dV, Keep,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_gb, stride_gh, stride_gl, stride_gd,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_keep_b, stride_keep_l,
-    Hq, L, D, DEPTH, G, qk_scale, sm_scale,
-    HAS_DLSE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    Hq, Hkv, L, D, DEPTH, G, qk_scale, sm_scale,
+    HAS_DLSE: tl.constexpr, HAS_KEEP: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Per row: delta = rowsum(dO * O) - dlse; the lse in base 2, with -inf rows set to 0 (their
-    scores are all -inf, so exp2(s - 0) = 0 keeps them out of every gradient); and dQ of the
-    diagonal keys, which initialises dQ (the text-tile kernel adds its part)."""
+    """Everything per row, for the G query heads of one kv head at once (tiles (G, rows, D)):
+    delta = rowsum(dO * O) - dlse; the lse in base 2, with -inf rows set to 0 (their scores are
+    all -inf, so exp2(s - 0) = 0 keeps them out of every gradient); and the whole diagonal part:
+    key i of a thought block is read only by row i of these G heads, so this program owns its
+    dK, dV outright, and it writes the diagonal part of dQ (fp32; the text-tile kernel adds its
+    part). Each thought key and value is read once."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = pid_bh % Hq
-    hk = h // G
+    b = (pid_bh // Hkv).to(tl.int64)  # batch offsets can pass 2**31 elements
+    hk = pid_bh % Hkv
+    offs_g = tl.arange(0, G_PAD)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < G
     m_ok = offs_m < L
     d_ok = offs_d < D
-    mask = m_ok[:, None] & d_ok[None, :]
-    o = tl.load(_ptrs(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od),
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(_ptrs(dOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd),
-                 mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta = delta - tl.load(dLse + pid_bh * L + offs_m, mask=m_ok, other=0.0)
-    lse = tl.load(Lse + pid_bh * L + offs_m, mask=m_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    tl.store(Delta + pid_bh * L + offs_m, delta, mask=m_ok)
-    tl.store(Lse2 + pid_bh * L + offs_m, lse2, mask=m_ok)
+    heads = hk * G + offs_g  # (G,) query heads of this kv head
+    rows2 = g_ok[:, None] & m_ok[None, :]  # (G, BLOCK_M)
+    mask3 = rows2[:, :, None] & d_ok[None, None, :]  # (G, BLOCK_M, BLOCK_D)
+    row_idx = (b * Hq + heads)[:, None] * L + offs_m[None, :]  # into (B, Hq, L) row vectors
 
-    # dQ from the diagonal keys: dS_s = P_s (dO . v_s - delta), dQ += dS_s k_s.
-    q = tl.load(_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
-                mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(Out + b * stride_ob + heads[:, None, None] * stride_oh + offs_m[None, :, None] * stride_ol
+                + offs_d[None, None, :] * stride_od, mask=mask3, other=0.0).to(tl.float32)
+    do = tl.load(dOut + b * stride_gb + heads[:, None, None] * stride_gh + offs_m[None, :, None] * stride_gl
+                 + offs_d[None, None, :] * stride_gd, mask=mask3, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 2)  # (G, BLOCK_M)
+    if HAS_DLSE:
+        delta = delta - tl.load(dLse + row_idx, mask=rows2, other=0.0)
+    lse = tl.load(Lse + row_idx, mask=rows2, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    tl.store(Delta + row_idx, delta, mask=rows2)
+    tl.store(Lse2 + row_idx, lse2, mask=rows2)
+
+    q = tl.load(Q + b * stride_qb + heads[:, None, None] * stride_qh + offs_m[None, :, None] * stride_ql
+                + offs_d[None, None, :] * stride_qd, mask=mask3, other=0.0).to(tl.float32)
     diag_ok = m_ok
     if HAS_KEEP:
         row_keep = tl.load(Keep + b * stride_keep_b + offs_m * stride_keep_l, mask=m_ok, other=0)
         diag_ok = diag_ok & (row_keep != 0)
-    k_base = b * stride_kb + hk * stride_kh
-    v_base = b * stride_vb + hk * stride_vh
-    d_mask = diag_ok[:, None] & d_ok[None, :]
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    live = g_ok[:, None] & diag_ok[None, :]  # (G, BLOCK_M)
+    kv_mask = diag_ok[:, None] & d_ok[None, :]
+    out_mask = m_ok[:, None] & d_ok[None, :]
+    dq = tl.zeros([G_PAD, BLOCK_M, BLOCK_D], tl.float32)
     for step in range(0, DEPTH):
+        # dS_s = P_s (dO . v_s - delta): dQ += dS_s k_s; dK_s = sum_g dS_s q; dV_s = sum_g P_s dO.
         rows = (step + 1) * L + offs_m
-        kd = tl.load(_ptrs(K + k_base, rows, offs_d, stride_kl, stride_kd),
-                     mask=d_mask, other=0.0).to(tl.float32)
-        vd = tl.load(_ptrs(V + v_base, rows, offs_d, stride_vl, stride_vd),
-                     mask=d_mask, other=0.0).to(tl.float32)
-        pd = tl.where(diag_ok, tl.exp2(tl.sum(q * kd, 1) * qk_scale - lse2), 0.0)
-        dsd = pd * (tl.sum(do * vd, 1) - delta)
-        dq += dsd[:, None] * kd
-    tl.store(_ptrs(dQ + b * stride_dqb + h * stride_dqh, offs_m, offs_d, stride_dql, stride_dqd),
-             dq * sm_scale, mask=mask)
+        kd = tl.load(_ptrs(K + b * stride_kb + hk * stride_kh, rows, offs_d, stride_kl, stride_kd),
+                     mask=kv_mask, other=0.0).to(tl.float32)
+        vd = tl.load(_ptrs(V + b * stride_vb + hk * stride_vh, rows, offs_d, stride_vl, stride_vd),
+                     mask=kv_mask, other=0.0).to(tl.float32)
+        pd = tl.where(live, tl.exp2(tl.sum(q * kd[None, :, :], 2) * qk_scale - lse2), 0.0)
+        dsd = pd * (tl.sum(do * vd[None, :, :], 2) - delta)
+        dq += dsd[:, :, None] * kd[None, :, :]
+        dk = tl.sum(dsd[:, :, None] * q, 0) * sm_scale
+        dv = tl.sum(pd[:, :, None] * do, 0)
+        dkv_ptrs = _ptrs(b * stride_dkb + hk * stride_dkh, rows, offs_d, stride_dkl, stride_dkd)
+        tl.store(dK + dkv_ptrs, dk.to(dK.dtype.element_ty), mask=out_mask)
+        tl.store(dV + dkv_ptrs, dv.to(dV.dtype.element_ty), mask=out_mask)
+    tl.store(dQ + b * stride_dqb + heads[:, None, None] * stride_dqh + offs_m[None, :, None] * stride_dql
+             + offs_d[None, None, :] * stride_dqd, dq * sm_scale, mask=mask3)
 
 
 @_autotune("bwd_dkdv")
@@ -501,7 +512,7 @@ def thought_attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M rows of one (batch, query head) from the text tiles, added to the diagonal
-    part that the preprocess kernel wrote into the fp32 dQ."""
+    part that the row kernel wrote into the fp32 dQ."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)  # batch offsets can pass 2**31 elements
@@ -544,57 +555,4 @@ def thought_attention_bwd_dq_kernel(
     tl.store(dq_ptrs, dq, mask=qo_mask)
 
 
-@_autotune("bwd_diag")
-@triton.jit
-def thought_attention_bwd_diag_kernel(
-    Q, K, V, dOut, Lse2, Delta, dK, dV, Keep,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_gb, stride_gh, stride_gl, stride_gd,
-    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
-    stride_keep_b, stride_keep_l,
-    Hq, Hkv, L, D, G, qk_scale, sm_scale,
-    HAS_KEEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dK, dV of the thought blocks: key i of block s is read only by row i of the G query heads
-    of its kv head, so one program (rows, kv head, step) owns its keys outright."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    step = tl.program_id(2)
-    b = (pid_bh // Hkv).to(tl.int64)  # batch offsets can pass 2**31 elements
-    hk = pid_bh % Hkv
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < L
-    d_ok = offs_d < D
-    diag_ok = m_ok
-    if HAS_KEEP:
-        row_keep = tl.load(Keep + b * stride_keep_b + offs_m * stride_keep_l, mask=m_ok, other=0)
-        diag_ok = diag_ok & (row_keep != 0)
-    rows = (step + 1) * L + offs_m
-    d_mask = diag_ok[:, None] & d_ok[None, :]
-    kd = tl.load(_ptrs(K + b * stride_kb + hk * stride_kh, rows, offs_d, stride_kl, stride_kd),
-                 mask=d_mask, other=0.0).to(tl.float32)
-    vd = tl.load(_ptrs(V + b * stride_vb + hk * stride_vh, rows, offs_d, stride_vl, stride_vd),
-                 mask=d_mask, other=0.0).to(tl.float32)
-    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        q = tl.load(_ptrs(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
-                    mask=d_mask, other=0.0).to(tl.float32)
-        do = tl.load(_ptrs(dOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd),
-                     mask=d_mask, other=0.0).to(tl.float32)
-        lse2 = tl.load(Lse2 + (b * Hq + h) * L + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(Delta + (b * Hq + h) * L + offs_m, mask=m_ok, other=0.0)
-        pd = tl.where(diag_ok, tl.exp2(tl.sum(q * kd, 1) * qk_scale - lse2), 0.0)
-        dsd = pd * (tl.sum(do * vd, 1) - delta)
-        dv += pd[:, None] * do
-        dk += dsd[:, None] * q
-    dk = dk * sm_scale
-    out_mask = m_ok[:, None] & d_ok[None, :]
-    off = b * stride_dkb + hk * stride_dkh
-    tl.store(_ptrs(dK + off, rows, offs_d, stride_dkl, stride_dkd), dk.to(dK.dtype.element_ty), mask=out_mask)
-    tl.store(_ptrs(dV + off, rows, offs_d, stride_dkl, stride_dkd), dv.to(dV.dtype.element_ty), mask=out_mask)
 # fmt: on
