@@ -122,11 +122,14 @@ def sees_something(keep: torch.Tensor, window: int | None = None) -> torch.Tenso
     return seen > 0
 
 
-def rollout(model, tokens, keep, *, fused: bool, window: int | None = None, hidden: bool = True):
+def rollout(
+    model, tokens, keep, *, fused: bool, window: int | None = None, hidden: bool = True, ordinary_step0=False
+):
     """Run the Quiet-STaR steps: step 0 on the text, then one new token per position per step.
 
     fused=True: inside thought_step, no attention_mask (the patched path). fused=False: the authors'
     way, the dense additive mask (B, 1, L, (a+1)L) built per step and passed as attention_mask.
+    ordinary_step0: run step 0 of the fused rollout as an ordinary forward with the 2-D mask.
     Position ids j + a, a DynamicCache that grows by L keys per step (quietstar.md section 4).
     Returns per step (logits, hidden_states tuple).
     """
@@ -144,7 +147,9 @@ def rollout(model, tokens, keep, *, fused: bool, window: int | None = None, hidd
             use_cache=True,
             output_hidden_states=hidden,
         )
-        if fused:
+        if fused and a == 0 and ordinary_step0:
+            out = model(attention_mask=keep.long(), **kwargs)
+        elif fused:
             with thought_step(keep, step=a) as st:
                 out = model(**kwargs)
             assert st.calls == model.config.num_hidden_layers
@@ -230,6 +235,20 @@ def test_issue_case_mistral_8_steps_L64_with_padding():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_rollout_matches_dense_mask_other_architectures(arch):
     check_rollout_and_grads(arch, B=4, L=24, steps=5, seed=3)
+
+
+def test_rollout_after_an_ordinary_text_pass():
+    """Step 0 as an ordinary forward (2-D padding mask, transformers' own causal mask), then the
+    thought steps inside thought_step: the same as the dense-mask rollout."""
+    base = make_model("mistral", seed=29)
+    patched = apply_qstar_kernels(copy.deepcopy(base))
+    keep = make_keep(4, 16)
+    g = torch.Generator().manual_seed(29)
+    tokens = [torch.randint(2, VOCAB, (4, 16), generator=g) for _ in range(4)]
+    with torch.no_grad():
+        dense = rollout(base, tokens, keep, fused=False)
+        fused = rollout(patched, tokens, keep, fused=True, ordinary_step0=True)
+    compare_rollouts(fused, dense, keep)
 
 
 def test_rollout_with_sliding_window_matches_dense_mask_with_window():

@@ -125,11 +125,13 @@ def apply_qstar_kernels(model):
     _check_model(model, "apply_qstar_kernels")
     with _lock:
         current = model.config._attn_implementation
-        if current == ATTN_IMPLEMENTATION and model in _instances:
-            return model
+        if current == ATTN_IMPLEMENTATION:
+            if model in _instances:
+                return model
+            current = "sdpa"  # set to our name by hand: SDPA is what it runs outside thought steps
         _capture_originals()
         _register_instance_name()
-        if current not in ("sdpa", ATTN_IMPLEMENTATION):
+        if current != "sdpa":
             logger.info(
                 "qstar_kernels.hf: %s used attn_implementation=%r; patched, its ordinary forwards run SDPA "
                 "(revert_qstar_kernels restores %r)",
