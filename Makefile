@@ -3,7 +3,7 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-regress clean
+.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-hf bench-hf-full bench-regress clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -14,6 +14,8 @@ help:
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
 	@echo "bench-full    the headline benchmark over the whole grid"
+	@echo "bench-hf      a whole Quiet-STaR rollout through the HF patch vs the dense mask, quick (benchmarks/hf_rollout.py)"
+	@echo "bench-hf-full the same over L 128/256/512 x steps 4/8/12/16"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "clean         remove build products"
 
@@ -46,6 +48,12 @@ bench:
 
 bench-full:
 	$(PY) benchmarks/mask_attention.py --full
+
+bench-hf:
+	$(PY) benchmarks/hf_rollout.py
+
+bench-hf-full:
+	$(PY) benchmarks/hf_rollout.py --full
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only

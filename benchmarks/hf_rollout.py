@@ -294,6 +294,8 @@ def plot(all_rows, png, title):
     import matplotlib.pyplot as plt
 
     Ls = sorted({r["L"] for r in all_rows})
+    if len({(r["L"], r["steps"]) for r in all_rows}) == 1:
+        return _plot_one(all_rows, png, title, plt)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     style = {"dense": dict(linestyle="--", marker="o"), "patched": dict(linestyle="-", marker="D")}
     colors = dict(zip(Ls, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
@@ -345,6 +347,30 @@ def plot(all_rows, png, title):
     for ax in axes[:2]:
         ax.set_yscale("log")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _plot_one(rows, png, title, plt):
+    """One configuration (the quick run): bars of time and memory, with the dense/patched ratios."""
+    by = {r["provider"]: r for r in rows}
+    L, steps = rows[0]["L"], rows[0]["steps"]
+    panels = [("fb_median_ms", "forward+backward time (ms)", "dense_over_patched_fb_time")]
+    if all(by[p].get("fb_peak_bytes") for p in PROVIDERS):
+        panels.append(
+            ("fb_peak_bytes", "peak extra memory, forward+backward (MB)", "dense_over_patched_fb_peak")
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label, ratio_key) in zip(axes[0], panels):
+        vals = [by[p][key] / (MB if key.endswith("bytes") else 1.0) for p in PROVIDERS]
+        ax.bar(PROVIDERS, vals, color=["tab:red", "tab:green"])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+        ax.set_title(f"{label}\ndense / patched = {by['patched'][ratio_key]:.2f}x", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"Quiet-STaR rollout, L={L}, {steps} steps. {title}", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
