@@ -3,7 +3,8 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-gpu bench-model triton-resources bench-regress clean
+.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-gpu bench-model \
+	triton-resources bench-hf bench-hf-full bench-regress clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -17,6 +18,8 @@ help:
 	@echo "bench-gpu     the headline benchmark on the GPU (L=256, depth 1-20, bf16, Mistral heads; + L=1024)"
 	@echo "bench-model   the analytic H100 model of thought attention (FLOPs, bytes, implied times)"
 	@echo "triton-resources  compile the Triton kernels for sm_80/sm_90: registers, smem, spills"
+	@echo "bench-hf      a whole Quiet-STaR rollout through the HF patch vs the dense mask, quick (benchmarks/hf_rollout.py)"
+	@echo "bench-hf-full the same over L 128/256/512 x steps 4/8/12/16"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "clean         remove build products"
 
@@ -58,6 +61,12 @@ bench-model:
 
 triton-resources:
 	env -u TRITON_INTERPRET $(PY) scripts/triton_resources.py --json benchmarks/results/triton_resources_bf16.json
+
+bench-hf:
+	$(PY) benchmarks/hf_rollout.py
+
+bench-hf-full:
+	$(PY) benchmarks/hf_rollout.py --full
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only
