@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 # The backend choice under test is always explicit; a stray override would change what runs.
 os.environ.pop("QSTAR_BACKEND", None)
+os.environ.pop("QSTAR_LM_HEAD_BACKEND", None)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -2,6 +2,7 @@
 // file.
 #include <torch/extension.h>
 
+#include "cpu/lm_head.h"
 #include "cpu/thought_attention.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,4 +21,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test mode: fill every output and scratch buffer with NaN before the kernels write it. "
         "Returns the previous setting.",
         py::arg("on"));
+  m.def("lm_head_lse_fwd", &qstar::cpu::lm_head_lse_fwd,
+        "LM-head forward: lse[i] = logsumexp(h[i] @ weight.T), tiled", py::arg("h"),
+        py::arg("weight"), py::arg("block_rows"), py::arg("block_cols"));
+  m.def("lm_head_sample_fwd", &qstar::cpu::lm_head_sample_fwd,
+        "LM-head forward: Gumbel-max tokens (greedy when inv_temperature == 0) and lse at lp_scale",
+        py::arg("h"), py::arg("weight"), py::arg("banned"), py::arg("inv_temperature"),
+        py::arg("lp_scale"), py::arg("seed"), py::arg("block_rows"), py::arg("block_cols"));
+  m.def("lm_head_bwd", &qstar::cpu::lm_head_bwd,
+        "LM-head backward: (grad_h, grad_weight) of sum_i coef[i] / scale * logp[i]", py::arg("h"),
+        py::arg("weight"), py::arg("banned"), py::arg("lse"), py::arg("index"), py::arg("coef"),
+        py::arg("scale"), py::arg("need_h"), py::arg("need_weight"), py::arg("block_rows"),
+        py::arg("block_cols"));
+  m.def("lm_head_gumbel_noise", &qstar::cpu::lm_head_gumbel_noise,
+        "The sampling pass's Gumbel noise of rows [row0, row0 + rows), float32", py::arg("seed"),
+        py::arg("row0"), py::arg("rows"), py::arg("vocab"));
+  m.def("lm_head_set_poison", &qstar::cpu::lm_head_set_poison,
+        "Test mode: fill every buffer the LM-head kernels allocate with NaN. Returns the old value.",
+        py::arg("on"));
+  m.def("lm_head_backend_info", &qstar::cpu::lm_head_backend_info,
+        "What the LM-head kernels run on, as one line");
 }

@@ -1,0 +1,47 @@
+"""The ``"cpu"`` backend of the LM-head ops: each pass of :mod:`.lm_head_chunked` runs in C++
+(``csrc/cpu/lm_head.cpp``): OpenMP over vocabulary blocks, single-threaded BLAS GEMMs per tile,
+vectorised row loops. Tiles are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
+widened on entry."""
+
+from __future__ import annotations
+
+from .. import _ext
+from .lm_head_chunked import LMHeadPasses, choose_tiling
+
+__all__ = ["CpuPasses"]
+
+
+class CpuPasses(LMHeadPasses):
+    name = "cpu"
+    # A 256 x 512 float32 tile (512 KiB, one per thread) stays in the L2 cache while its row passes
+    # run, and a single-threaded GEMM of that shape runs near peak.
+    cpu_tile = (256, 512)
+
+    def __init__(self):
+        self.ext = _ext.cpu_extension()
+
+    def _tile(self, h, weight):
+        t = choose_tiling(h.shape[0], weight.shape[0], h.device, self)
+        return t.rows, t.cols
+
+    def lse_pass(self, h, weight):
+        return self.ext.lm_head_lse_fwd(h, weight, *self._tile(h, weight))
+
+    def sample_pass(self, h, weight, banned, inv_t, lp_scale, seed):
+        return self.ext.lm_head_sample_fwd(
+            h, weight, banned, float(inv_t), float(lp_scale), int(seed), *self._tile(h, weight)
+        )
+
+    def grad_pass(self, h, weight, banned, lse, index, coef, scale, need_h, need_w):
+        return self.ext.lm_head_bwd(
+            h,
+            weight,
+            banned,
+            lse,
+            index,
+            coef,
+            float(scale),
+            bool(need_h),
+            bool(need_w),
+            *self._tile(h, weight),
+        )
