@@ -3,7 +3,8 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-lm-head bench-lm-head-full bench-regress clean
+.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-gpu bench-model \
+	triton-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -14,6 +15,11 @@ help:
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
 	@echo "bench-full    the headline benchmark over the whole grid"
+	@echo "bench-gpu     the headline benchmark on the GPU (L=256, depth 1-20, bf16, Mistral heads; + L=1024)"
+	@echo "bench-model   the analytic H100 model of thought attention (FLOPs, bytes, implied times)"
+	@echo "triton-resources  compile the Triton kernels for sm_80/sm_90: registers, smem, spills"
+	@echo "bench-hf      a whole Quiet-STaR rollout through the HF patch vs the dense mask, quick (benchmarks/hf_rollout.py)"
+	@echo "bench-hf-full the same over L 128/256/512 x steps 4/8/12/16"
 	@echo "bench-lm-head the fused mixing/sampling ops vs materialised logits (benchmarks/mixing_ce.py)"
 	@echo "bench-lm-head-full  the same over the whole grid"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
@@ -48,6 +54,21 @@ bench:
 
 bench-full:
 	$(PY) benchmarks/mask_attention.py --full
+
+bench-gpu:
+	$(PY) benchmarks/mask_attention.py --device cuda --full --check
+
+bench-model:
+	$(PY) benchmarks/attention_model.py
+
+triton-resources:
+	env -u TRITON_INTERPRET $(PY) scripts/triton_resources.py --json benchmarks/results/triton_resources_bf16.json
+
+bench-hf:
+	$(PY) benchmarks/hf_rollout.py
+
+bench-hf-full:
+	$(PY) benchmarks/hf_rollout.py --full
 
 bench-lm-head:
 	$(PY) benchmarks/mixing_ce.py

@@ -17,9 +17,10 @@ import warnings
 
 import torch
 
-from . import _ext
+from . import _ext, _ops  # noqa: F401  (_ops registers the qstar:: custom ops at import)
 from .backends import cpu as _cpu_backend
 from .backends import torch_backend as _torch_backend
+from .backends import triton_backend as _triton_backend
 from .reference import thought_attention_reference
 
 __all__ = ["thought_attention", "available_backends", "BACKENDS", "BackendUnavailableError"]
@@ -27,7 +28,7 @@ __all__ = ["thought_attention", "available_backends", "BACKENDS", "BackendUnavai
 logger = logging.getLogger("qstar_kernels")
 
 #: Every backend name the op knows, in order of preference on a CPU.
-BACKENDS = ("reference", "torch", "cpu")
+BACKENDS = ("reference", "torch", "cpu", "triton")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ENV_VAR = "QSTAR_BACKEND"
 _warned: set[str] = set()
@@ -46,17 +47,27 @@ def _warn_once(key: str, msg: str) -> None:
 
 def _why_not(backend: str, q: torch.Tensor) -> str | None:
     """None if ``backend`` can run on tensors like ``q``, else the reason it cannot."""
+    head_dim = int(q.shape[-1]) if q.dim() == 4 else 0
+    return _unavailable(backend, q.device.type, q.dtype, head_dim) or None
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(backend: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The reason ``backend`` cannot run on such tensors, or the empty string if it can. A constant
+    to torch.compile, which then never traces the probes (imports, environment) behind it."""
     if backend in ("reference", "torch"):
-        return None
+        return ""
     if backend == "cpu":
-        if q.device.type != "cpu":
-            return f"the 'cpu' backend runs on CPU tensors, got tensors on {q.device}"
+        if device_type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, got tensors on {device_type}"
         if _ext.cpu_extension() is None:
             return (
                 "the C++ CPU extension qstar_kernels._C is not built or does not import "
                 f"({_ext.cpu_extension_error()}); reinstall with `pip install -e . --no-build-isolation`"
             )
-        return None
+        return ""
+    if backend == "triton":
+        return _triton_backend.unavailable_reason(device_type, dtype, head_dim) or ""
     raise AssertionError(backend)
 
 
@@ -95,10 +106,13 @@ def _select_backend(backend: str | None, q: torch.Tensor) -> str:
             f"qstar_kernels.thought_attention: falling back to the slower 'torch' backend: {reason}",
         )
         return "torch"
+    reason = _why_not("triton", q)
+    if reason is None:
+        return "triton"
     _warn_once(
         f"no-fused-{q.device.type}",
-        f"qstar_kernels.thought_attention: no fused kernel for {q.device.type} tensors in this build; "
-        "using the structured 'torch' backend",
+        f"qstar_kernels.thought_attention: no fused kernel for these {q.device.type} tensors ({reason}); "
+        "using the slower structured 'torch' backend",
     )
     return "torch"
 
@@ -225,8 +239,9 @@ def thought_attention(
         sliding_window: optional window ``W`` on the text block (``i - j < W``).
         return_lse: also return the ``(B, Hq, L)`` float32 log-sum-exp (``-inf`` on rows that
             see nothing; float64 for float64 inputs). It is differentiable.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, or None to choose by device
-            (the ``QSTAR_BACKEND`` environment variable overrides the automatic choice).
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, or None to choose by device
+            (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors; the ``QSTAR_BACKEND``
+            environment variable overrides the automatic choice).
 
     Returns:
         ``out`` ``(B, Hq, L, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
@@ -244,4 +259,6 @@ def thought_attention(
         return _torch_backend.thought_attention_torch(q, k, v, **kwargs)
     if chosen == "cpu":
         return _cpu_backend.thought_attention_cpu(q, k, v, **kwargs)
+    if chosen == "triton":
+        return _triton_backend.thought_attention_triton(q, k, v, **kwargs)
     raise AssertionError(chosen)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+import qstar_kernels
 from qstar_kernels.reference import build_thought_mask, thought_attention_reference
 
 
@@ -92,3 +94,67 @@ def assert_close_to_reference(name, got, want64, lowp_yardstick=None, dtype=torc
 
 def reference64(q, k, v, **kw):
     return thought_attention_reference(q.double(), k.double(), v.double(), **kw)
+
+
+def skip_unavailable(backend, device="cpu"):
+    if backend not in qstar_kernels.available_backends(device):
+        pytest.fail(f"backend {backend!r} is not available in this build; build it before testing")
+
+
+def run_backend_case(backend, c, dtype, check_backward=True, B=2, Hkv=2, device="cpu"):
+    """One case ``c`` (L, depth, G, D, pad, window, layout) of ``backend`` against the float64
+    reference: out and lse, then dq, dk, dv through both (the lse gradient included)."""
+    skip_unavailable(backend, device)
+    Hq = Hkv * c["G"]
+    q, k, v = make_qkv(
+        B,
+        Hq,
+        Hkv,
+        c["L"],
+        c["depth"],
+        c["D"],
+        dtype=dtype,
+        requires_grad=True,
+        layout=c["layout"],
+        device=device,
+    )
+    keep = make_padding(B, c["L"], c["pad"], device=device)
+    kw = dict(key_padding_mask=keep, sliding_window=c["window"])
+
+    out, lse = qstar_kernels.thought_attention(q, k, v, return_lse=True, backend=backend, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = reference64(q64, k64, v64, return_lse=True, **kw)
+
+    yard_out = None
+    if dtype in LOWP:
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        yard_out = plain_lowp_attention(ql, kl, vl, keep, c["window"])
+    assert_close_to_reference("out", out, out64, yard_out, dtype)
+    assert_close_to_reference("lse", lse, lse64, None, torch.float32 if dtype not in LOWP else torch.float16)
+
+    # Rows that may attend to nothing are exactly zero (left padding), never NaN.
+    empty = torch.isneginf(lse64)
+    if empty.any():
+        assert torch.all(out.detach()[empty] == 0)
+
+    if not check_backward:
+        return
+    grad_out = torch.randn_like(out64)
+    grad_lse = torch.randn_like(lse64).masked_fill(empty, 0.0)
+    loss = (out.double() * grad_out).sum() + (torch.where(empty, 0.0, lse.double()) * grad_lse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss64 = (out64 * grad_out).sum() + (torch.where(empty, 0.0, lse64) * grad_lse).sum()
+    grads64 = torch.autograd.grad(loss64, (q64, k64, v64))
+    yard = [None] * 3
+    if dtype in LOWP:
+        yo = yard_out
+        yard = torch.autograd.grad((yo.double() * grad_out).sum(), (ql, kl, vl))
+    for name, g, g64, y in zip(("dq", "dk", "dv"), grads, grads64, yard):
+        assert g.dtype == dtype
+        # The lse gradient has no low-precision yardstick; give fp16/bf16 the lse path's slack too.
+        assert_close_to_reference(name, g, g64, None if y is None else y, dtype, rtol_mult=3.0)
+        if empty.any() and name == "dq":
+            assert torch.all(g[empty] == 0), "rows with nothing to attend to must get zero gradient"

@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 from helpers import (
-    LOWP,
     assert_close_to_reference,
     make_padding,
     make_qkv,
-    plain_lowp_attention,
     reference64,
+    run_backend_case,
+    skip_unavailable,
 )
 
 import qstar_kernels
@@ -48,81 +48,27 @@ def _case_id(c):
     return f"L{c['L']}-a{c['depth']}-g{c['G']}-D{c['D']}-{c['pad']}-{w}-{c['layout']}"
 
 
-def _skip_unavailable(backend):
-    if backend not in qstar_kernels.available_backends("cpu"):
-        pytest.fail(f"backend {backend!r} is not available in this build; build it before testing")
-
-
-def _run_case(backend, c, dtype, check_backward=True):
-    _skip_unavailable(backend)
-    B, Hkv = 2, 2
-    Hq = Hkv * c["G"]
-    q, k, v = make_qkv(
-        B, Hq, Hkv, c["L"], c["depth"], c["D"], dtype=dtype, requires_grad=True, layout=c["layout"]
-    )
-    keep = make_padding(B, c["L"], c["pad"])
-    kw = dict(key_padding_mask=keep, sliding_window=c["window"])
-
-    out, lse = thought_attention(q, k, v, return_lse=True, backend=backend, **kw)
-    assert out.dtype == dtype and out.shape == q.shape
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out64, lse64 = reference64(q64, k64, v64, return_lse=True, **kw)
-
-    yard_out = None
-    if dtype in LOWP:
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        yard_out = plain_lowp_attention(ql, kl, vl, keep, c["window"])
-    assert_close_to_reference("out", out, out64, yard_out, dtype)
-    assert_close_to_reference("lse", lse, lse64, None, torch.float32 if dtype not in LOWP else torch.float16)
-
-    # Rows that may attend to nothing are exactly zero (left padding), never NaN.
-    empty = torch.isneginf(lse64)
-    if empty.any():
-        assert torch.all(out.detach()[empty] == 0)
-
-    if not check_backward:
-        return
-    grad_out = torch.randn_like(out64)
-    grad_lse = torch.randn_like(lse64).masked_fill(empty, 0.0)
-    loss = (out.double() * grad_out).sum() + (torch.where(empty, 0.0, lse.double()) * grad_lse).sum()
-    grads = torch.autograd.grad(loss, (q, k, v))
-    loss64 = (out64 * grad_out).sum() + (torch.where(empty, 0.0, lse64) * grad_lse).sum()
-    grads64 = torch.autograd.grad(loss64, (q64, k64, v64))
-    yard = [None] * 3
-    if dtype in LOWP:
-        yo = yard_out
-        yard = torch.autograd.grad((yo.double() * grad_out).sum(), (ql, kl, vl))
-    for name, g, g64, y in zip(("dq", "dk", "dv"), grads, grads64, yard):
-        assert g.dtype == dtype
-        # The lse gradient has no low-precision yardstick; give fp16/bf16 the lse path's slack too.
-        assert_close_to_reference(name, g, g64, None if y is None else y, dtype, rtol_mult=3.0)
-        if empty.any() and name == "dq":
-            assert torch.all(g[empty] == 0), "rows with nothing to attend to must get zero gradient"
-
-
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference_fp32(backend, case, seed):
-    _run_case(backend, case, torch.float32)
+    run_backend_case(backend, case, torch.float32)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
 def test_matches_reference_bf16(backend, case, seed):
-    _run_case(backend, case, torch.bfloat16)
+    run_backend_case(backend, case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("case", CASES[1::5], ids=_case_id)
 def test_matches_reference_fp16(backend, case, seed):
-    _run_case(backend, case, torch.float16)
+    run_backend_case(backend, case, torch.float16)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_matches_reference_fp64_exactly(backend, seed):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     q, k, v = make_qkv(3, 8, 2, 45, 5, 24, dtype=torch.float64)
     keep = make_padding(3, 45, "both")
     out, lse = thought_attention(q, k, v, key_padding_mask=keep, return_lse=True, backend=backend)
@@ -135,7 +81,7 @@ def test_matches_reference_fp64_exactly(backend, seed):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_depth_zero_is_causal_attention(backend, seed):
     """At a = 0 the pattern is ordinary causal attention: compare with SDPA's causal kernel."""
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     q, k, v = make_qkv(2, 4, 4, 50, 0, 32)
     out = thought_attention(q, k, v, backend=backend)
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -146,7 +92,7 @@ def test_depth_zero_is_causal_attention(backend, seed):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_custom_scale_and_int_mask(backend, seed):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     q, k, v = make_qkv(2, 4, 1, 20, 2, 8)
     keep = make_padding(2, 20, "end")
     out = thought_attention(q, k, v, key_padding_mask=keep.long(), scale=0.37, backend=backend)
@@ -156,7 +102,7 @@ def test_custom_scale_and_int_mask(backend, seed):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_empty_rows_give_zero_gradient_even_with_lse_gradient(backend, seed):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     q, k, v = make_qkv(1, 2, 1, 16, 3, 8, requires_grad=True)
     keep = torch.ones(1, 16, dtype=torch.bool)
     keep[0, :6] = False  # left padding: rows 0..5 see nothing at all
@@ -177,7 +123,7 @@ def test_empty_rows_give_zero_gradient_even_with_lse_gradient(backend, seed):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_lse_only_gradient(backend, seed):
     """A loss on the lse alone (out unused) must still give the right gradient."""
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     q, k, v = make_qkv(1, 4, 2, 12, 2, 16, requires_grad=True)
     _, lse = thought_attention(q, k, v, return_lse=True, backend=backend)
     dq, dk = torch.autograd.grad(lse.sum(), (q, k), allow_unused=True)

@@ -68,57 +68,45 @@ def _mark_nonfinite_grads(hits, dq, dk, dv, keep, window):
         dv[:, :, L:].view(B, Hkv, depth, L, -1)[diag_read] = float("nan")
 
 
-class _ThoughtAttentionCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, keep, scale, window):
-        ext = _ext.cpu_extension()
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qc = q.to(compute).contiguous()
-        kc = k.to(compute).contiguous()
-        vc = v.to(compute).contiguous()
-        out, lse = ext.thought_attention_fwd(qc, kc, vc, keep, scale, window)
-        # The kernel's exp treats a NaN score like a masked one. One cheap reduction finds
-        # non-finite inputs (a diverging run); then the rows that read them are made NaN, as the
-        # dense computation makes them, instead of coming out quietly finite.
-        hits = None
-        if not torch.isfinite(qc.sum() + kc.sum() + vc.sum()):
-            hits = _mark_nonfinite_rows(out, lse, qc, kc, vc, keep, window)
-        ctx.save_for_backward(qc, kc, vc, out, lse, keep, hits)
-        ctx.scale, ctx.window = scale, window
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        ctx.set_materialize_grads(False)
-        return out.to(q.dtype), lse
+def forward(q, k, v, keep, scale: float, window: int):
+    """(out in q.dtype, lse float32 (float64 for float64 inputs)) from the C++ kernel."""
+    ext = _ext.cpu_extension()
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (t.to(compute).contiguous() for t in (q, k, v))
+    out, lse = ext.thought_attention_fwd(qc, kc, vc, keep, scale, window)
+    # The kernel's exp treats a NaN score like a masked one. One cheap reduction finds
+    # non-finite inputs (a diverging run); then the rows that read them are made NaN, as the
+    # dense computation makes them, instead of coming out quietly finite.
+    if not torch.isfinite(qc.sum() + kc.sum() + vc.sum()):
+        _mark_nonfinite_rows(out, lse, qc, kc, vc, keep, window)
+    return out.to(q.dtype), lse
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        if torch.is_grad_enabled():
-            # create_graph=True: the kernel's gradients are not themselves differentiable, and
-            # returning them as constants would silently drop second-order terms.
-            raise RuntimeError(
-                "thought_attention(backend='cpu') does not support double backward "
-                "(create_graph=True); use backend='torch' or 'reference' for higher-order gradients"
-            )
-        qc, kc, vc, out, lse, keep, hits = ctx.saved_tensors
-        if grad_out is None and grad_lse is None:
-            return None, None, None, None, None, None
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grad_out = grad_out.to(out.dtype).contiguous()
-        if grad_lse is not None:
-            grad_lse = grad_lse.to(lse.dtype).contiguous()
-        dq, dk, dv = _ext.cpu_extension().thought_attention_bwd(
-            grad_out, qc, kc, vc, out, lse, grad_lse, keep, ctx.scale, ctx.window
-        )
-        if hits is not None and hits.any():
-            _mark_nonfinite_grads(hits, dq, dk, dv, keep, ctx.window)
-        qd, kd, vd = ctx.dtypes
-        return dq.to(qd), dk.to(kd), dv.to(vd), None, None, None
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: int):
+    """(dq, dk, dv) in the inputs' dtypes; ``grad_out`` or ``grad_lse`` may be None."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (t.to(compute).contiguous() for t in (q, k, v))
+    out = out.to(compute).contiguous()
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(compute).contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(lse.dtype).contiguous()
+    dq, dk, dv = _ext.cpu_extension().thought_attention_bwd(
+        grad_out, qc, kc, vc, out, lse, grad_lse, keep, scale, window
+    )
+    if not torch.isfinite(qc.sum() + kc.sum() + vc.sum()):
+        scratch_out, scratch_lse = out.clone(), lse.clone()
+        hits = _mark_nonfinite_rows(scratch_out, scratch_lse, qc, kc, vc, keep, window)
+        if hits.any():
+            _mark_nonfinite_grads(hits, dq, dk, dv, keep, window)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def thought_attention_cpu(q, k, v, *, key_padding_mask=None, scale, sliding_window=None, return_lse=False):
+    from .._ops import thought_attention_op
+
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     window = -1 if sliding_window is None else int(sliding_window)
-    out, lse = _ThoughtAttentionCPU.apply(q, k, v, keep, float(scale), window)
+    out, lse = thought_attention_op(q, k, v, keep, float(scale), window, "cpu")
     if return_lse:
         return out, lse
     return out
