@@ -48,7 +48,8 @@ class _RolloutLayer(DynamicLayer):
             self.value_blocks[step] = value_states
         else:
             raise RuntimeError(
-                f"RolloutCache: step {step} written before step {len(self.key_blocks)}; steps must run in order"
+                f"RolloutCache: step {step} written before step {len(self.key_blocks)}; "
+                "steps must run in order"
             )
         if step == 0:
             return key_states, value_states

@@ -183,7 +183,7 @@ class QuietStarForCausalLM(nn.Module):
                 {"additional_special_tokens": [config.start_token, config.end_token]}
             )
             ids = tokenizer.convert_tokens_to_ids([config.start_token, config.end_token])
-            # New rows drawn like the authors' transformers 4.37 did (N(0, initializer_range)), not mean-resized.
+            # New rows drawn as the authors' transformers 4.37 did: N(0, initializer_range), no mean resizing.
             base_model.resize_token_embeddings(max(len(tokenizer), max(ids) + 1), mean_resizing=False)
         start_id, end_id = ids
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -273,12 +273,14 @@ class QuietStarForCausalLM(nn.Module):
         V = self.vocab_size
         if B * L and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
             raise ValueError(
-                f"input_ids must be in [0, {V}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
+                f"input_ids must be ids in [0, {V}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, L):
                 raise ValueError(
-                    f"attention_mask must have the shape of input_ids {(B, L)}, got {tuple(attention_mask.shape)}"
+                    f"attention_mask must have the shape of input_ids {(B, L)}, "
+                    f"got {tuple(attention_mask.shape)}"
                 )
             if attention_mask.device != device:
                 raise ValueError(f"attention_mask must be on {device}, got {attention_mask.device}")
@@ -291,19 +293,21 @@ class QuietStarForCausalLM(nn.Module):
                     else thought_tokens
                 )
                 raise ValueError(
-                    f"thought_tokens must have shape (n_thought_tokens, B * n_rationales, L) = {want}, got {got}"
+                    "thought_tokens must have shape (n_thought_tokens, B * n_rationales, L) = "
+                    f"{want}, got {got}"
                 )
             if thought_tokens.dtype not in (torch.int64, torch.int32) or thought_tokens.device != device:
                 raise ValueError(
-                    f"thought_tokens must be int64 on {device}, got {thought_tokens.dtype} on {thought_tokens.device}"
+                    f"thought_tokens must be int64 on {device}, "
+                    f"got {thought_tokens.dtype} on {thought_tokens.device}"
                 )
             if int(thought_tokens.min()) < 0 or int(thought_tokens.max()) >= V:
                 raise ValueError(f"thought_tokens must be ids in [0, {V})")
             meta = (thought_tokens == self.start_id) | (thought_tokens == self.end_id)
             if bool(meta.any()):
                 raise ValueError(
-                    f"thought_tokens must not contain the meta tokens {self.start_id} / {self.end_id} (they are "
-                    "never sampled)"
+                    f"thought_tokens must not contain the meta tokens {self.start_id} / {self.end_id} "
+                    "(they are never sampled)"
                 )
 
     def _nll(self, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -505,8 +509,8 @@ class QuietStarForCausalLM(nn.Module):
         meta_path = directory / CONFIG_NAME
         if not meta_path.exists():
             raise FileNotFoundError(
-                f"{meta_path} not found: not a QuietStarForCausalLM directory (for the authors' checkpoints use "
-                "QuietStarForCausalLM.from_authors_checkpoint)"
+                f"{meta_path} not found: not a QuietStarForCausalLM directory (for the authors' "
+                "checkpoints use QuietStarForCausalLM.from_authors_checkpoint)"
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
