@@ -424,7 +424,7 @@ class QuietStarForCausalLM(nn.Module):
             talk_ce.append(ce)
             talk_nll.append(self._nll(ce, valid))
             deltas.append(ce_base.detach()[:, s : s + n_reward] - ce.detach()[:, :n_reward])
-            weights.append(w.detach().view(R, L).float())
+            weights.append(w.detach().view(R, L))
             if s + 1 < n_talk:
                 nxt = torch.full_like(x, self.pad_token_id)
                 nxt[:, : L - s - 1] = x[:, s + 1 :]
@@ -433,7 +433,7 @@ class QuietStarForCausalLM(nn.Module):
         # REINFORCE: r_j = sum_s (log p_talk - log p_base); baseline = mean over the rationales.
         rewards = torch.stack(deltas).sum(0)  # (R, L-K-1)
         adv = rewards
-        if cfg.baseline == "mean_rationales":
+        if cfg.baseline == "mean_rationales" and n_rat > 1:  # the authors: trice_mode needs P > 1
             grouped = rewards.view(B, n_rat, n_reward)
             adv = (grouped - grouped.mean(dim=1, keepdim=True)).view(R, n_reward)
         if cfg.clip_negative_advantages:
