@@ -180,7 +180,7 @@ def agreement(ours, authors, ids, mask, args):
     b.loss.backward()
     ga = authors[0].get_output_embeddings().weight.grad
     gb = ours.base_model.get_output_embeddings().weight.grad
-    loss_rel = float((a["loss"] - b.loss).abs() / a["loss"].abs())
+    loss_rel = float((a["loss"] - b.loss).detach().abs() / a["loss"].detach().abs())
     grad_rel = float((ga - gb).abs().max() / ga.abs().max())
     authors[0].zero_grad(set_to_none=True)
     ours.zero_grad(set_to_none=True)
@@ -305,8 +305,8 @@ def main(argv=None) -> int:
             "n_talk_tokens": args.talk,
             "n_rationales": args.rationales,
             "median_ms": t.median,
-            "p25_ms": t.p25,
-            "p75_ms": t.p75,
+            "p25_ms": t.quantile(0.25),
+            "p75_ms": t.quantile(0.75),
             "min_ms": t.min,
             "tokens_per_s": args.B * args.L / (t.median / 1e3),
         }
