@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from . import _ext
+from ._checks import reject_non_number
 from .attention import BACKENDS as _ATTENTION_BACKENDS
 from .attention import BackendUnavailableError
 
@@ -193,20 +194,8 @@ def check_backend_arg(backend) -> None:
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__} {backend!r}")
 
 
-def _plain_number(name: str, x, what: str) -> None:
-    """Reject what only looks like a number: bools, strings, arrays or tensors with dimensions,
-    complex values, and tensors that require grad (their gradient would be dropped silently)."""
-    bad = isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_"
-    if isinstance(x, torch.Tensor):
-        bad = bad or x.dim() != 0 or x.dtype == torch.bool or x.is_complex() or x.requires_grad
-    elif getattr(x, "ndim", 0) != 0 or getattr(getattr(x, "dtype", None), "kind", "") in ("b", "c"):
-        bad = True
-    if bad:
-        raise TypeError(f"{name} must be {what}, got {type(x).__name__} {x!r}")
-
-
 def as_float(name: str, x, what: str = "a real number") -> float:
-    _plain_number(name, x, what)
+    reject_non_number(name, x, what)
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -217,7 +206,7 @@ def as_float(name: str, x, what: str = "a real number") -> float:
 
 
 def as_int(name: str, x) -> int:
-    _plain_number(name, x, "an int")
+    reject_non_number(name, x, "an int")
     try:
         return operator.index(x)
     except TypeError:

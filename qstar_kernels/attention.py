@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from . import _ext, _ops  # noqa: F401  (_ops registers the qstar:: custom ops at import)
+from ._checks import reject_non_number
 from .backends import cpu as _cpu_backend
 from .backends import torch_backend as _torch_backend
 from .backends import triton_backend as _triton_backend
@@ -183,22 +184,9 @@ def _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse):
     return scale, sliding_window
 
 
-def _plain_number(name: str, x, what: str) -> None:
-    """Reject what only looks like a number: bools (also NumPy's and 0-d bool tensors), strings,
-    arrays or tensors with dimensions, complex values, and tensors that require grad (the op is
-    not differentiable in them, and a gradient would be dropped silently)."""
-    bad = isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_"
-    if isinstance(x, torch.Tensor):
-        bad = bad or x.dim() != 0 or x.dtype == torch.bool or x.is_complex() or x.requires_grad
-    elif getattr(x, "ndim", 0) != 0 or getattr(getattr(x, "dtype", None), "kind", "") in ("b", "c"):
-        bad = True
-    if bad:
-        raise TypeError(f"{name} must be None or {what}, got {type(x).__name__} {x!r}")
-
-
 def _as_float(name: str, x) -> float:
     """Python/NumPy real numbers and 0-d real tensors."""
-    _plain_number(name, x, "a real number")
+    reject_non_number(name, x, "None or a real number")
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -207,7 +195,7 @@ def _as_float(name: str, x) -> float:
 
 def _as_int(name: str, x) -> int:
     """Python/NumPy integers and 0-d integer tensors."""
-    _plain_number(name, x, "an int")
+    reject_non_number(name, x, "None or an int")
     try:
         return operator.index(x)
     except TypeError:
