@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "cuda/thought_attention_cuda.h"
+
 namespace qstar {
 cudaError_t launch_thought_mask(const bool* keep, bool* mask, int64_t B, int64_t L, int64_t depth,
                                 int64_t window, cudaStream_t stream);
@@ -40,6 +42,25 @@ at::Tensor build_thought_mask_cuda(const std::optional<at::Tensor>& keep, int64_
   return mask;
 }
 
+// The launch configuration of every kernel instance (for the resource test).
+py::list launch_table() {
+  const char* dtypes[] = {"float32", "float16", "bfloat16"};
+  qstar::cuda::LaunchInfo rows[128];
+  const int n = qstar::cuda::thought_attention_launch_table(rows, 128);
+  TORCH_CHECK(n <= 128, "launch_table: more than 128 kernel instances");
+  py::list out;
+  for (int i = 0; i < n; ++i) {
+    py::dict d;
+    d["kernel"] = rows[i].kernel;
+    d["dtype"] = dtypes[static_cast<int>(rows[i].dtype)];
+    d["head_dim"] = rows[i].head_dim;
+    d["threads"] = rows[i].threads;
+    d["dynamic_smem"] = rows[i].dynamic_smem;
+    out.append(d);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -47,4 +68,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_thought_mask", &build_thought_mask_cuda, "Dense bool thought mask on a CUDA device",
         py::arg("keep"), py::arg("B"), py::arg("L"), py::arg("depth"), py::arg("window"),
         py::arg("device"));
+  m.def("launch_table", &launch_table,
+        "Every kernel instance with its threads per block and dynamic shared memory (bytes)");
 }
