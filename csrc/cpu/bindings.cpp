@@ -36,6 +36,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lm_head_gumbel_noise", &qstar::cpu::lm_head_gumbel_noise,
         "The sampling pass's Gumbel noise of rows [row0, row0 + rows), float32", py::arg("seed"),
         py::arg("row0"), py::arg("rows"), py::arg("vocab"));
+  m.def("lm_head_mix", &qstar::cpu::lm_head_mix,
+        "The mixing prologue (1 - w) * h_base + w * h_thought in dtype", py::arg("h_base"),
+        py::arg("h_thought"), py::arg("w"), py::arg("dtype"));
+  m.def("lm_head_mix_backward", &qstar::cpu::lm_head_mix_backward,
+        "The mixing epilogue: (grad_h_base, grad_h_thought, grad_w) from grad_h", py::arg("grad_h"),
+        py::arg("h_base"), py::arg("h_thought"), py::arg("w"));
   m.def("lm_head_set_poison", &qstar::cpu::lm_head_set_poison,
         "Test mode: fill every buffer the LM-head kernels allocate with NaN. Returns the old value.",
         py::arg("on"));

@@ -7,15 +7,27 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cuda/thought_attention_cuda.h"
 
 namespace qstar::cuda {
 namespace {
+
+// Test mode: fill every output with NaN before the kernels write it (see set_poison_outputs).
+std::atomic<bool> g_poison{false};
+
+at::Tensor poisoned(at::Tensor t) {
+  if (g_poison.load(std::memory_order_relaxed) && t.numel() > 0) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return t;
+}
 
 DType dtype_of(const char* fn, const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -34,7 +46,7 @@ DType dtype_of(const char* fn, const at::Tensor& t) {
 void check_tensor(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& q,
                   at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor, got an undefined one");
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), fn, ": ", name, " must be on ", q.device(),
+  TORCH_CHECK(t.device() == q.device(), fn, ": ", name, " must be on ", q.device(),
               " (the device of q), got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
@@ -43,9 +55,10 @@ void check_tensor(const char* fn, const char* name, const at::Tensor& t, const a
 
 AttnShape check_common(const char* fn, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, const std::optional<at::Tensor>& keep, double scale,
-                       int64_t window) {
-  TORCH_CHECK(q.defined() && q.is_cuda(), fn, ": q must be a CUDA tensor, got ",
-              q.defined() ? q.device().str() : std::string("an undefined tensor"));
+                       int64_t window, bool require_cuda = true) {
+  TORCH_CHECK(q.defined(), fn, ": q must be a tensor, got an undefined one");
+  TORCH_CHECK(q.is_cuda() || !require_cuda, fn, ": q must be a CUDA tensor, got a tensor on ",
+              q.device());
   dtype_of(fn, q);
   TORCH_CHECK(q.dim() == 4, fn, ": q must be 4-D (B, Hq, L, D), got shape ", q.sizes());
   check_tensor(fn, "q", q, q, q.scalar_type());
@@ -101,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const char* fn = "qstar_cuda::thought_attention_fwd";
   const AttnShape s = check_common(fn, q, k, v, keep, scale, window);
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  at::Tensor out = poisoned(at::empty_like(q));
+  at::Tensor lse =
+      poisoned(at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)));
   AttnFwdArgs args{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), keep_ptr(keep), out.data_ptr(),
                    lse.data_ptr<float>()};
   check_launch(fn, thought_attention_fwd(dtype_of(fn, q), args,
@@ -133,10 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     glse = grad_lse->data_ptr<float>();
   }
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
-  at::Tensor delta = at::empty_like(lse);
+  at::Tensor dq = poisoned(at::empty_like(q));
+  at::Tensor dk = poisoned(at::empty_like(k));
+  at::Tensor dv = poisoned(at::empty_like(v));
+  at::Tensor delta = poisoned(at::empty_like(lse));
   AttnBwdArgs args{s,
                    q.data_ptr(),
                    k.data_ptr(),
@@ -156,6 +170,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
 }
 
 }  // namespace
+
+bool set_poison_outputs(bool on) { return g_poison.exchange(on); }
+
+// The input checks of thought_attention_fwd alone, on any device (tests run them on the CPU).
+// Returns (B, Hq, Hkv, L, D, a, window) as the kernels would see them.
+std::vector<int64_t> check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& keep, double scale,
+                                            int64_t window) {
+  const AttnShape s = check_common("qstar_cuda::thought_attention_fwd", q, k, v, keep, scale,
+                                   window, /*require_cuda=*/false);
+  return {s.B, s.Hq, s.Hkv, s.L, s.D, s.a, s.window};
+}
+
 }  // namespace qstar::cuda
 
 // The schemas (the library is defined here; mixing_ops.cpp adds a fragment).
