@@ -3,7 +3,7 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-gpu bench-model \
+.PHONY: help install install-torch test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
 	triton-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress clean
 
 help:
@@ -11,6 +11,7 @@ help:
 	@echo "test          the whole test suite (the README's test command)"
 	@echo "test-fast     the suite without the hypothesis fuzzing and gradcheck"
 	@echo "test-gpu      only the GPU tests (they skip, with the reason, without a GPU)"
+	@echo "gpu-check     on a GPU: every GPU test + the GPU benchmarks + cuda-vs-triton, into benchmarks/results/gpu_check_<device>/"
 	@echo "lint          ruff check + ruff format --check"
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
@@ -40,6 +41,11 @@ test-fast:
 
 test-gpu:
 	$(PY) -m pytest -m gpu -rs
+
+# Everything that needs a GPU, in one command: the GPU tests, the GPU benchmarks and the
+# cuda-vs-triton comparison, kept in benchmarks/results/gpu_check_<device>/ (see the script).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 lint:
 	$(PY) -m ruff check .
