@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/lm_head.h"
+#include "cpu/shared_math.h"
 #include "cpu/thought_attention.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -45,6 +46,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lm_head_set_poison", &qstar::cpu::lm_head_set_poison,
         "Test mode: fill every buffer the LM-head kernels allocate with NaN. Returns the old value.",
         py::arg("on"));
+  // The GPU/CPU shared maths in the CUDA kernels' sequence (tests/test_shared_math.py).
+  m.def("shared_online_softmax_rows", &qstar::cpu::online_softmax_rows, py::arg("scores"),
+        py::arg("n_push"), py::arg("tile"));
+  m.def("shared_softmax_bwd_rows", &qstar::cpu::softmax_bwd_rows, py::arg("scores"),
+        py::arg("lse"), py::arg("dp"), py::arg("do_dot_o"), py::arg("grad_lse"));
+  m.def("shared_lse_merge_tiles", &qstar::cpu::lse_merge_tiles, py::arg("z"), py::arg("tile"));
+  m.def("shared_logit_grad_rows", &qstar::cpu::logit_grad_rows, py::arg("z"), py::arg("lse"),
+        py::arg("index"), py::arg("coef"), py::arg("scale"));
   m.def("lm_head_backend_info", &qstar::cpu::lm_head_backend_info,
         "What the LM-head kernels run on, as one line");
 }
