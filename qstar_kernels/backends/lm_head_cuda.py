@@ -110,8 +110,10 @@ class CudaPasses(TiledPasses):
         )
 
     def target_logits(self, h, weight, target):
+        # h in the GEMM dtype, as the tiles see it (never a widened copy of the whole weight);
+        # the row dot accumulates in float32.
         return self.ops.lm_head_target_logits(
-            h.contiguous(), weight.to(h.dtype).contiguous(), target.contiguous()
+            h.to(weight.dtype).contiguous(), weight.contiguous(), target.contiguous()
         )
 
     def lse_pass(self, h, weight):
