@@ -20,6 +20,7 @@ of torch, no nvcc, or QSTAR_SKIP_CUDA_BUILD=1); when it is expected but missing,
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -41,11 +42,6 @@ def _built_archs() -> set[str]:
     if not env:
         return set(ARCHS)
     return {"sm_" + a.strip().replace(".", "").split("+")[0] for a in env.split(";") if a.strip()}
-
-
-MAX_SMEM = 100 * 1024
-# The mangled form of each dtype template argument of our kernels.
-MANGLED_DTYPE = {"float32": "If", "float16": "I6__half", "bfloat16": "I13__nv_bfloat16"}
 
 
 def _cuda_build_expected() -> str | None:
@@ -78,53 +74,21 @@ def ext():
     return mod
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump from the CUDA toolkit, else the copy Triton ships (a CUDA torch brings Triton)."""
-    nvcc = _nvcc()
-    candidates = []
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parent / "cuobjdump")
-    if shutil.which("cuobjdump"):
-        candidates.append(Path(shutil.which("cuobjdump")))
-    try:
-        import triton
-
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:
-        pass
-    for c in candidates:
-        if c.exists():
-            return str(c)
-    return None
+def _load_resources_script():
+    """scripts/cuda_resources.py (the same parser and launch join that the script prints)."""
+    spec = importlib.util.spec_from_file_location("cuda_resources", ROOT / "scripts" / "cuda_resources.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def parse_resource_usage(text: str) -> list[dict]:
-    """Rows (arch, function, REG, STACK, SHARED, LOCAL) of ``cuobjdump --dump-resource-usage``."""
-    rows, arch, fn = [], None, None
-    for line in text.splitlines():
-        if m := re.match(r"\s*arch = (sm_\d+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+):", line):
-            fn = m.group(1)
-        elif fn is not None and "REG:" in line:
-            vals = dict(re.findall(r"(\w+):(\d+)", line))
-            rows.append(
-                dict(
-                    arch=arch,
-                    function=fn,
-                    reg=int(vals["REG"]),
-                    stack=int(vals["STACK"]),
-                    shared=int(vals["SHARED"]),
-                    local=int(vals["LOCAL"]),
-                )
-            )
-            fn = None
-    return rows
+CR = _load_resources_script()
+parse_resource_usage = CR.parse_resource_usage
 
 
 @pytest.fixture(scope="module")
 def resources(ext):
-    tool = _cuobjdump()
+    tool = CR.find_cuobjdump()
     assert tool is not None, (
         "no cuobjdump found (CUDA toolkit or Triton's copy) to read the kernels' resources"
     )
@@ -189,27 +153,29 @@ def test_every_kernel_is_built_for_sm80_and_sm90(ext, resources):
     for arch in sorted(_built_archs()):
         names = [r["function"] for r in resources if r["arch"] == arch]
         for entry in table:
-            # The instance for this dtype (and head dim, for the attention kernels).
-            key = entry["kernel"] + MANGLED_DTYPE[entry["dtype"]]
-            if entry["head_dim"]:
-                key += f"Li{entry['head_dim']}E"
+            key = CR.instance_key(entry)  # the instance for this dtype (and head dim)
             hits = [n for n in names if key in n]
             assert hits, f"{arch}: no kernel {key!r} in the built module"
+
+
+def test_resource_script_agrees(ext):
+    tool = CR.find_cuobjdump()
+    rows, problems = CR.report(ext.__file__, ext.launch_table(), tool)
+    assert rows and not problems, problems
+    assert max(r["total_smem"] for r in rows) <= CR.MAX_SMEM
 
 
 def test_no_spills_no_local_memory_and_at_most_100kb_shared(ext, resources):
     dynamic: dict[str, int] = {}
     for entry in ext.launch_table():
-        key = entry["kernel"] + MANGLED_DTYPE[entry["dtype"]]
-        if entry["head_dim"]:
-            key += f"Li{entry['head_dim']}E"
+        key = CR.instance_key(entry)
         dynamic[key] = max(dynamic.get(key, 0), entry["dynamic_smem"])
     ours = [r for r in resources if "qstar" in r["function"]]
     assert len(ours) >= 2 * len(dynamic), "fewer kernels than launch configurations"
     for r in ours:
         assert r["stack"] == 0 and r["local"] == 0, f"spill or local memory: {r}"
         dyn = max((v for k, v in dynamic.items() if k in r["function"]), default=0)
-        assert r["shared"] + dyn <= MAX_SMEM, f"{r['shared']} static + {dyn} dynamic bytes > 100 KB: {r}"
+        assert r["shared"] + dyn <= CR.MAX_SMEM, f"{r['shared']} static + {dyn} dynamic bytes > 100 KB: {r}"
 
 
 def test_ptxas_reports_no_spills(ext, tmp_path):
