@@ -130,6 +130,9 @@ def main() -> int:
     if ext is None:
         print(f"the CUDA extension is not built: {_ext.cuda_extension_error()}", file=sys.stderr)
         return 2
+    if not hasattr(ext, "launch_table"):
+        print(f"{ext.__file__} was built from older sources (no launch_table); rebuild it", file=sys.stderr)
+        return 2
     tool = find_cuobjdump()
     if tool is None:
         print("no cuobjdump found (CUDA toolkit or Triton's copy)", file=sys.stderr)
