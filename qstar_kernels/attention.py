@@ -20,6 +20,7 @@ import torch
 from . import _ext, _ops  # noqa: F401  (_ops registers the qstar:: custom ops at import)
 from ._checks import reject_non_number
 from .backends import cpu as _cpu_backend
+from .backends import cuda_backend as _cuda_backend
 from .backends import torch_backend as _torch_backend
 from .backends import triton_backend as _triton_backend
 from .reference import thought_attention_reference
@@ -29,7 +30,7 @@ __all__ = ["thought_attention", "available_backends", "BACKENDS", "BackendUnavai
 logger = logging.getLogger("qstar_kernels")
 
 #: Every backend name the op knows, in order of preference on a CPU.
-BACKENDS = ("reference", "torch", "cpu", "triton")
+BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ENV_VAR = "QSTAR_BACKEND"
 _warned: set[str] = set()
@@ -69,6 +70,8 @@ def _unavailable(backend: str, device_type: str, dtype: torch.dtype, head_dim: i
         return ""
     if backend == "triton":
         return _triton_backend.unavailable_reason(device_type, dtype, head_dim) or ""
+    if backend == "cuda":
+        return _cuda_backend.unavailable_reason(device_type, dtype, head_dim) or ""
     raise AssertionError(backend)
 
 
@@ -227,9 +230,10 @@ def thought_attention(
         sliding_window: optional window ``W`` on the text block (``i - j < W``).
         return_lse: also return the ``(B, Hq, L)`` float32 log-sum-exp (``-inf`` on rows that
             see nothing; float64 for float64 inputs). It is differentiable.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, or None to choose by device
-            (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors; the ``QSTAR_BACKEND``
-            environment variable overrides the automatic choice).
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``, or None to choose
+            by device (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors; the ``QSTAR_BACKEND``
+            environment variable overrides the automatic choice). ``"cuda"`` (the kernels of
+            ``csrc/cuda``, head dims 64 and 128) is chosen only explicitly.
 
     Returns:
         ``out`` ``(B, Hq, L, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
@@ -249,4 +253,6 @@ def thought_attention(
         return _cpu_backend.thought_attention_cpu(q, k, v, **kwargs)
     if chosen == "triton":
         return _triton_backend.thought_attention_triton(q, k, v, **kwargs)
+    if chosen == "cuda":
+        return _cuda_backend.thought_attention_cuda(q, k, v, **kwargs)
     raise AssertionError(chosen)
