@@ -41,7 +41,8 @@ namespace qstar::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxSmem = 100 * 1024;
+// 99 KB: sm_86/87/89 allow at most 101,376 bytes of dynamic shared memory per block.
+constexpr int kMaxSmem = 99 * 1024;
 
 // ------------------------------------------------------------------------------------------------
 // Scalars
@@ -114,7 +115,7 @@ struct FwdCfg {
   static constexpr int oQ = 0, oK = oQ + Q::bytes, oV = oK + K::bytes, oS = oV + K::bytes,
                        oP = oS + S::bytes, oO = oP + P::bytes, oM = oO + O::bytes,
                        oL = oM + align128(BM * 4), smem = oL + align128(BM * 4);
-  static_assert(smem <= kMaxSmem, "forward tile config exceeds 100 KB of shared memory");
+  static_assert(smem <= kMaxSmem, "forward tile config exceeds 99 KB of shared memory");
 };
 
 template <typename T, int D>
@@ -130,7 +131,7 @@ struct DqCfg {
                        oS = oV + K::bytes, oDP = oS + S::bytes, oDS = oDP + S::bytes,
                        oDQ = oDS + P::bytes, oLse = oDQ + O::bytes, oDelta = oLse + align128(BM * 4),
                        smem = oDelta + align128(BM * 4);
-  static_assert(smem <= kMaxSmem, "dq tile config exceeds 100 KB of shared memory");
+  static_assert(smem <= kMaxSmem, "dq tile config exceeds 99 KB of shared memory");
 };
 
 template <typename T, int D>
@@ -147,7 +148,7 @@ struct DkvCfg {
                        oDS = oP + P::bytes, oDK = oDS + P::bytes, oDV = oDK + A::bytes,
                        oLse = oDV + A::bytes, oDelta = oLse + align128(BM * 4),
                        smem = oDelta + align128(BM * 4);
-  static_assert(smem <= kMaxSmem, "dk/dv tile config exceeds 100 KB of shared memory");
+  static_assert(smem <= kMaxSmem, "dk/dv tile config exceeds 99 KB of shared memory");
 };
 
 constexpr int kRowThreads = 128;  // delta and diag kernels: 4 warps, a warp per row

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -51,6 +52,10 @@ void check_tensor(const char* fn, const char* name, const at::Tensor& t, const a
   TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous (call .contiguous())");
+  // The kernels read rows in 16-byte vectors (uint4); a misaligned address would fault the context.
+  TORCH_CHECK(dtype == at::kBool || reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, fn, ": ",
+              name, " must start at a 16-byte aligned address (call .clone()), got data_ptr % 16 = ",
+              reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16);
 }
 
 AttnShape check_common(const char* fn, const at::Tensor& q, const at::Tensor& k,

@@ -75,12 +75,20 @@ def unavailable_reason(device_type: str, dtype: torch.dtype, head_dim: int) -> s
     return None
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned: the kernels read rows in 16-byte vectors. A contiguous view
+    that starts mid-allocation (``buf[1:].view(...)``) is copied, as ``.contiguous()`` would copy a
+    strided one."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def forward(q, k, v, keep, scale: float, window: int):
     """(out (B, Hq, L, D) in q.dtype, lse (B, Hq, L) float32)."""
     ops_registered()
     keep = None if keep is None else keep.contiguous()
     return torch.ops.qstar_cuda.thought_attention_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), keep, float(scale), int(window)
+        _dense(q), _dense(k), _dense(v), keep, float(scale), int(window)
     )
 
 
@@ -92,12 +100,12 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()
     return torch.ops.qstar_cuda.thought_attention_bwd(
-        grad_out.to(q.dtype).contiguous(),
+        _dense(grad_out.to(q.dtype)),
         grad_lse,
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        out.contiguous(),
+        _dense(q),
+        _dense(k),
+        _dense(v),
+        _dense(out),
         lse.contiguous(),
         keep,
         float(scale),
