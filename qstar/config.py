@@ -197,6 +197,9 @@ class TrainingConfig:
     save_every: int = 100
     #: decoded sample thoughts written to the log at each log step.
     log_sample_thoughts: int = 2
+    #: the NaN/Inf guard skips a step whose loss or gradient norm is not finite, and stops
+    #: training with an error after this many skipped steps in a row.
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -215,6 +218,7 @@ class TrainingConfig:
         for name in ("batch_size", "micro_batch_size", "max_steps", "seq_len", "log_every", "save_every"):
             _check_positive(name, getattr(self, name), integer=True)
         _check_positive("log_sample_thoughts", self.log_sample_thoughts, allow_zero=True, integer=True)
+        _check_positive("max_consecutive_skips", self.max_consecutive_skips, integer=True)
         _check_choice("precision", self.precision, PRECISIONS)
 
     def to_dict(self) -> dict:
