@@ -1,11 +1,25 @@
 """Quiet-STaR, the method: config, model wrapper, training loop, generation and evaluation.
 
 This package builds on the public ops of :mod:`qstar_kernels` and never names a backend.
-The training loop, generation and evaluation land in later work; for now it exposes the
-attention op the rollout will use.
+
+    from qstar import QuietStarConfig, QuietStarForCausalLM, get_preset
+    model = QuietStarForCausalLM.from_base(hf_causal_lm, tokenizer, get_preset("default").method)
+    out = model(input_ids, attention_mask)   # out.loss, out.rewards, out.thought_tokens, ...
 """
 
 from qstar_kernels import thought_attention
 
-__all__ = ["thought_attention"]
+from .config import Preset, QuietStarConfig, TrainingConfig, get_preset
+from .model import QuietStarForCausalLM, QuietStarOutput, build_mixing_head
+
+__all__ = [
+    "Preset",
+    "QuietStarConfig",
+    "QuietStarForCausalLM",
+    "QuietStarOutput",
+    "TrainingConfig",
+    "build_mixing_head",
+    "get_preset",
+    "thought_attention",
+]
 __version__ = "0.1.0"

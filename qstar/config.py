@@ -100,7 +100,8 @@ class QuietStarConfig:
     talk_loss_weight: float = 0.5
     #: only rationales better than the baseline are reinforced [remove_negative_rewards].
     clip_negative_advantages: bool = True
-    #: the baseline subtracted from each reward: the mean over the n_rationales copies [trice_mode].
+    #: the baseline subtracted from each reward: the mean over the n_rationales copies [trice_mode];
+    #: like the authors, only when n_rationales > 1 (one rationale: the raw reward).
     baseline: str = "mean_rationales"
 
     # --- arithmetic choices (section 13) -------------------------------------------------------

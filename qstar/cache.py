@@ -1,0 +1,86 @@
+"""The rollout's KV cache: one block of ``L`` keys per step, addressed by step.
+
+A ``transformers.DynamicCache`` appends on every ``update``. That is right for a straight rollout,
+but not when a step is recomputed in the backward (gradient checkpointing): the replay would append
+the step's keys a second time. :class:`RolloutCache` stores each step's block at its index
+(``cache.step``, set by the rollout before each pass) and returns the concatenation of blocks
+``0 .. step``; a replay of step ``a`` rewrites block ``a`` with identical values and sees exactly
+the keys the first pass saw. Only the blocks are kept, so under checkpointing the memory held between
+forward and backward is one ``L``-long block of keys and values per layer and step.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class _Clock:
+    __slots__ = ("step",)
+
+    def __init__(self) -> None:
+        self.step = 0
+
+
+class _RolloutLayer(DynamicLayer):
+    """One layer's blocks; ``update`` writes block ``clock.step`` and returns blocks ``0..step``."""
+
+    def __init__(self, clock: _Clock):
+        super().__init__()
+        self.clock = clock
+        self.key_blocks: list[torch.Tensor] = []
+        self.value_blocks: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        step = self.clock.step
+        if step == len(self.key_blocks):
+            self.key_blocks.append(key_states)
+            self.value_blocks.append(value_states)
+        elif step < len(self.key_blocks):  # a recompute of an earlier step (gradient checkpointing)
+            if key_states.shape != self.key_blocks[step].shape:
+                raise RuntimeError(
+                    f"RolloutCache: step {step} replayed with keys of shape {tuple(key_states.shape)}, "
+                    f"the first pass had {tuple(self.key_blocks[step].shape)}"
+                )
+            self.key_blocks[step] = key_states
+            self.value_blocks[step] = value_states
+        else:
+            raise RuntimeError(
+                f"RolloutCache: step {step} written before step {len(self.key_blocks)}; "
+                "steps must run in order"
+            )
+        if step == 0:
+            return key_states, value_states
+        keys = torch.cat(self.key_blocks[: step + 1], dim=-2)  # (B, Hkv, (step+1)*L, D)
+        values = torch.cat(self.value_blocks[: step + 1], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        blocks = self.key_blocks[: self.clock.step]
+        return sum(int(k.shape[-2]) for k in blocks)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def reset(self) -> None:
+        self.key_blocks, self.value_blocks = [], []
+        super().reset()
+
+
+class RolloutCache(Cache):
+    """A cache for the Quiet-STaR rollout: set ``cache.step = a`` before step ``a``'s pass."""
+
+    def __init__(self, config) -> None:
+        self._clock = _Clock()
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[_RolloutLayer(self._clock) for _ in range(n_layers)])
+
+    @property
+    def step(self) -> int:
+        return self._clock.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._clock.step = int(value)
