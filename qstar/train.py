@@ -192,6 +192,17 @@ def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False):
     return model
 
 
+def _meta_copy(model):
+    """A copy of ``model`` with every parameter and buffer on the meta device, made without copying
+    any data (for exporting an FSDP2-sharded model with ``save_pretrained``)."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def unwrap(model):
     return model.module if hasattr(model, "module") and not hasattr(model, "base_model") else model
 
@@ -536,7 +547,7 @@ def train(method: QuietStarConfig, training: TrainingConfig, run: RunConfig) -> 
     if training.precision == "bf16":
         model = model.to(torch.bfloat16)
     model = model.to(dist.device)
-    export_template = copy.deepcopy(model).to("meta") if dist.mode == "fsdp2" and dist.is_main else None
+    export_template = _meta_copy(model) if dist.mode == "fsdp2" and dist.is_main else None
     model = wrap_model(model, dist)
     optimizer, scheduler = build_optimizer(model, training, dist.device)
     generator = torch.Generator(dist.device).manual_seed(training.seed + 1 + dist.rank)
