@@ -3,14 +3,15 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu lint format bench bench-full bench-gpu bench-model \
-	triton-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress demo clean
+.PHONY: help install install-torch test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
+	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress demo clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
 	@echo "test          the whole test suite (the README's test command)"
 	@echo "test-fast     the suite without the hypothesis fuzzing and gradcheck"
 	@echo "test-gpu      only the GPU tests (they skip, with the reason, without a GPU)"
+	@echo "gpu-check     on a GPU: every GPU test + the GPU benchmarks + cuda-vs-triton, into benchmarks/results/gpu_check_<device>/"
 	@echo "lint          ruff check + ruff format --check"
 	@echo "format        ruff format + ruff check --fix"
 	@echo "bench         the headline benchmark, quick default (benchmarks/mask_attention.py)"
@@ -18,6 +19,7 @@ help:
 	@echo "bench-gpu     the headline benchmark on the GPU (L=256, depth 1-20, bf16, Mistral heads; + L=1024)"
 	@echo "bench-model   the analytic H100 model of thought attention (FLOPs, bytes, implied times)"
 	@echo "triton-resources  compile the Triton kernels for sm_80/sm_90: registers, smem, spills"
+	@echo "cuda-resources    the built CUDA kernels' registers, shared memory, spills (sm_80/sm_90)"
 	@echo "bench-hf      a whole Quiet-STaR rollout through the HF patch vs the dense mask, quick (benchmarks/hf_rollout.py)"
 	@echo "bench-hf-full the same over L 128/256/512 x steps 4/8/12/16"
 	@echo "bench-lm-head the fused mixing/sampling ops vs materialised logits (benchmarks/mixing_ce.py)"
@@ -42,6 +44,11 @@ test-fast:
 test-gpu:
 	$(PY) -m pytest -m gpu -rs
 
+# Everything that needs a GPU, in one command: the GPU tests, the GPU benchmarks and the
+# cuda-vs-triton comparison, kept in benchmarks/results/gpu_check_<device>/ (see the script).
+gpu-check:
+	bash scripts/gpu_check.sh
+
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -64,6 +71,9 @@ bench-model:
 
 triton-resources:
 	env -u TRITON_INTERPRET $(PY) scripts/triton_resources.py --json benchmarks/results/triton_resources_bf16.json
+
+cuda-resources:
+	$(PY) scripts/cuda_resources.py --out benchmarks/results/cuda_resources.txt
 
 bench-hf:
 	$(PY) benchmarks/hf_rollout.py

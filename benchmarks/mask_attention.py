@@ -87,7 +87,7 @@ GPU_CLAIM = dict(attention_model.CLAIM_CFG)
 GPU_QUICK_DEPTHS, GPU_FULL_DEPTHS = [14], [1, 8, 14, 20]
 GPU_FULL_L = [256, 1024]
 
-DEFAULT_PROVIDERS = ["original", "eager", "flex", "torch", "cpu", "triton", "causal"]
+DEFAULT_PROVIDERS = ["original", "eager", "flex", "torch", "cpu", "triton", "cuda", "causal"]
 #: Our backends, in order of preference as the ratio baseline ("cpu" first, as the brief says).
 OUR_BACKENDS = ["cpu", "triton", "cuda", "torch"]
 #: Providers that compute plain causal attention over the text only (a different op: no accuracy check).

@@ -131,8 +131,11 @@ def fused(op, backend):
 
 
 def providers(op: str, device: torch.device, requested=None) -> dict:
+    op_name = "mixed_token_logprobs" if op == "mixing" else "sample_thought_tokens"
     fused_names = [
-        b for b in ("cpu", "triton", "torch") if b in qstar_kernels.available_lm_head_backends(device)
+        b
+        for b in ("cpu", "triton", "cuda", "torch")
+        if b in qstar_kernels.available_lm_head_backends(device, op=op_name)
     ]
     if device.type == "cpu":
         fused_names = [b for b in fused_names if b != "triton"]  # the interpreter is not a benchmark

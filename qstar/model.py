@@ -59,8 +59,8 @@ class QuietStarOutput:
             clipped at 0 when ``clip_negative_advantages``.
         mixing_weights: ``(K, R, L)`` the mixing head's ``w`` at each talk step (detached).
         thought_tokens: ``(n_thought_tokens, R, L)`` int64, the sampled (or injected) thoughts.
-        thought_logprobs: ``(n_thought_tokens, R, L)`` ``log_softmax(z / reinforce_temperature)[t]``
-            (differentiable).
+        thought_logprobs: ``(n_thought_tokens, R, L)`` ``log_softmax(z / reinforce_temperature)[t]``,
+            the meta tokens excluded (detached; the policy loss recomputes the ones it needs).
     """
 
     loss: torch.Tensor
@@ -381,30 +381,36 @@ class QuietStarForCausalLM(nn.Module):
         base_nll = self._nll(ce_base, valid1)
 
         # Thought steps 1 .. n+1: <start>, t_1 .. t_n; sample t_a from step a's output for a <= n.
-        tokens, logps = [], []
+        # The policy term needs log-probabilities with a gradient only where the advantage is
+        # non-zero (with clipping, at most about half the positions), and the advantages are known
+        # only after the talk steps: the tokens are drawn now without a graph, and the log-probs
+        # that carry the gradient are recomputed at the end for those positions only.
+        tokens, logps, states = [], [], []
         banned = [self.start_id, self.end_id]
+        W_think = W[: W.shape[0] - 2]  # the meta ids are the last two rows: never drawn, no mass
         step_input = self._meta_input(self.start_embedding, R, L)
         for a in range(1, n_think + 2):
             h = self._run_step(step_input, positions, keep, cache, a)  # (R, L, H)
             if a > n_think:
                 break  # step n+1 reads t_n; its output is unused (<end> is forced next)
-            hf = h.reshape(-1, H)
-            if thought_tokens is None:
-                t, lp = sample_thought_tokens(
-                    hf,
-                    W,
-                    banned_ids=banned,
-                    temperature=temperature,
-                    logprob_temperature=cfg.reinforce_temperature,
-                    generator=generator,
-                )
-            else:
-                t = thought_tokens[a - 1].to(torch.int64).reshape(-1)
-                # log_softmax(z / T_r)[t] with the meta ids excluded: they are the last two rows of W.
-                lp = mixed_token_logprobs(hf / cfg.reinforce_temperature, None, None, W[: W.shape[0] - 2], t)
+            with torch.no_grad():
+                hf = h.detach().reshape(-1, H)
+                if thought_tokens is None:
+                    t, lp = sample_thought_tokens(
+                        hf,
+                        W.detach(),
+                        banned_ids=banned,
+                        temperature=temperature,
+                        logprob_temperature=cfg.reinforce_temperature,
+                        generator=generator,
+                    )
+                else:
+                    t = thought_tokens[a - 1].to(torch.int64).reshape(-1)
+                    lp = mixed_token_logprobs(hf / cfg.reinforce_temperature, None, None, W_think.detach(), t)
             t = t.view(R, L)
             tokens.append(t)
             logps.append(lp.view(R, L))
+            states.append(h)
             step_input = self._embed(t)
 
         # Talk steps: <end>, then the true tokens x_{j+1} .. x_{j+K-1}; step s predicts x_{j+1+s}.
@@ -439,8 +445,18 @@ class QuietStarForCausalLM(nn.Module):
         if cfg.clip_negative_advantages:
             adv = adv.clamp_min(0)
         adv = adv.detach()
-        thought_logprobs = torch.stack(logps)  # (n, R, L)
-        policy_loss = (-(adv.unsqueeze(0) * thought_logprobs[:, :, :n_reward])).mean(dim=(1, 2)).mean()
+        thought_logprobs = torch.stack(logps)  # (n, R, L), detached
+        # policy = mean_k mean_{rows, j < L-K-1} (-A * log_softmax(z_k / T_r)[t_k])
+        live = adv != 0  # (R, L-K-1): the positions whose log-probs get a gradient
+        if torch.is_grad_enabled() and bool(live.any()):
+            rows, cols = live.nonzero(as_tuple=True)
+            h_live = torch.cat([h[rows, cols] for h in states])  # (n * M, H)
+            t_live = torch.cat([t[rows, cols] for t in tokens])  # (n * M,)
+            lp_live = mixed_token_logprobs(h_live / cfg.reinforce_temperature, None, None, W_think, t_live)
+            weighted = adv[rows, cols].repeat(n_think) * lp_live
+            policy_loss = -weighted.sum() / (n_think * R * n_reward)
+        else:
+            policy_loss = (-(adv.unsqueeze(0) * thought_logprobs[:, :, :n_reward])).mean(dim=(1, 2)).mean()
 
         talk = torch.stack(talk_nll)  # (K,)
         loss = cfg.base_loss_weight * base_nll + cfg.talk_loss_weight * talk.mean()

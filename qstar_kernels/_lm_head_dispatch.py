@@ -8,6 +8,8 @@ Backends (the same set for both ops)::
     cpu        the tiled algorithm with the C++/OpenMP row kernels of csrc/cpu/lm_head.cpp
     triton     the tiled algorithm with Triton row kernels (GPU; CPU tensors only under
                TRITON_INTERPRET=1, which is how the tests run it without a GPU)
+    cuda       mixed_token_logprobs only: the tiled algorithm with cuBLAS GEMMs and the CUDA
+               kernels of csrc/cuda/mixing.cu (GPU; chosen only explicitly)
 
 Choice, first match wins: the ``backend=`` argument; the ``QSTAR_LM_HEAD_BACKEND`` environment
 variable (these two ops only); the package-wide ``QSTAR_BACKEND`` when it names one of the
@@ -29,6 +31,7 @@ import warnings
 import torch
 
 from . import _ext
+from ._checks import reject_non_number
 from .attention import BACKENDS as _ATTENTION_BACKENDS
 from .attention import BackendUnavailableError
 
@@ -37,7 +40,7 @@ __all__ = ["LM_HEAD_BACKENDS", "ENV_VAR", "available_lm_head_backends", "select_
 logger = logging.getLogger("qstar_kernels")
 
 #: The backends of mixed_token_logprobs and sample_thought_tokens, in order of preference on a CPU.
-LM_HEAD_BACKENDS = ("reference", "torch", "cpu", "triton")
+LM_HEAD_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 ENV_VAR = "QSTAR_LM_HEAD_BACKEND"
 GLOBAL_ENV_VAR = "QSTAR_BACKEND"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -61,10 +64,16 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _why_not(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
-    """None if ``backend`` can run on tensors of ``device`` (and ``dtype``), else the reason."""
+def _why_not(
+    backend: str, device: torch.device, dtype: torch.dtype | None = None, op: str = "mixed_token_logprobs"
+) -> str | None:
+    """None if ``backend`` can run ``op`` on tensors of ``device`` (and ``dtype``), else the reason."""
     if backend in ("reference", "torch"):
         return None
+    if backend == "cuda":
+        from .backends import lm_head_cuda
+
+        return lm_head_cuda.unavailable_reason(op, device, dtype)
     if backend == "cpu":
         if device.type != "cpu":
             return f"the 'cpu' backend runs on CPU tensors, got tensors on {device}"
@@ -97,15 +106,17 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype | None = Non
     raise AssertionError(backend)
 
 
-def available_lm_head_backends(device: str | torch.device = "cpu") -> list[str]:
-    """The backends of ``mixed_token_logprobs`` / ``sample_thought_tokens`` that can run on
-    ``device`` here."""
+def available_lm_head_backends(
+    device: str | torch.device = "cpu", op: str = "mixed_token_logprobs"
+) -> list[str]:
+    """The backends of ``op`` (``mixed_token_logprobs`` or ``sample_thought_tokens``) that can run
+    on ``device`` here."""
     dev = torch.device(device)
-    return [b for b in LM_HEAD_BACKENDS if _why_not(b, dev) is None]
+    return [b for b in LM_HEAD_BACKENDS if _why_not(b, dev, None, op) is None]
 
 
-def _checked(name: str, origin: str, device: torch.device, dtype: torch.dtype | None) -> str:
-    reason = _why_not(name, device, dtype)
+def _checked(name: str, origin: str, device: torch.device, dtype: torch.dtype | None, op: str) -> str:
+    reason = _why_not(name, device, dtype, op)
     if reason is not None:
         raise BackendUnavailableError(f"{origin}={name!r} cannot run: {reason}")
     return name
@@ -120,19 +131,26 @@ def select_backend(
             raise ValueError(
                 f"backend must be one of {LM_HEAD_BACKENDS} (or None for automatic), got {backend!r}"
             )
-        return _checked(backend, "backend", device, dtype)
+        return _checked(backend, "backend", device, dtype, op)
     env = os.environ.get(ENV_VAR)
     if env:
         if env not in LM_HEAD_BACKENDS:
             raise ValueError(
                 f"the environment variable {ENV_VAR} must be one of {LM_HEAD_BACKENDS}, got {env!r}"
             )
-        return _checked(env, ENV_VAR, device, dtype)
+        return _checked(env, ENV_VAR, device, dtype, op)
     env = os.environ.get(GLOBAL_ENV_VAR)
     if env:
-        if env in LM_HEAD_BACKENDS:
-            return _checked(env, GLOBAL_ENV_VAR, device, dtype)
-        if env in _ATTENTION_BACKENDS:
+        only_other_ops = env == "cuda" and op != "mixed_token_logprobs"
+        if env in LM_HEAD_BACKENDS and not only_other_ops:
+            return _checked(env, GLOBAL_ENV_VAR, device, dtype, op)
+        if only_other_ops:
+            _warn_once(
+                f"global-env-{env}-{op}",
+                f"{GLOBAL_ENV_VAR}={env!r}: the 'cuda' LM-head backend implements mixed_token_logprobs only; "
+                f"{op} ignores it and chooses by device (set {ENV_VAR} to choose for this op)",
+            )
+        elif env in _ATTENTION_BACKENDS:
             _warn_once(
                 f"global-env-{env}",
                 f"{GLOBAL_ENV_VAR}={env!r} names no backend of the LM-head ops {LM_HEAD_BACKENDS}; "
@@ -150,7 +168,7 @@ def select_backend(
             f"qstar_kernels.{op}: no fused kernel for {device.type} tensors; using the tiled 'torch' backend",
         )
         return "torch"
-    reason = _why_not(preferred, device, dtype)
+    reason = _why_not(preferred, device, dtype, op)
     if reason is None:
         return preferred
     _warn_once(
@@ -193,20 +211,8 @@ def check_backend_arg(backend) -> None:
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__} {backend!r}")
 
 
-def _plain_number(name: str, x, what: str) -> None:
-    """Reject what only looks like a number: bools, strings, arrays or tensors with dimensions,
-    complex values, and tensors that require grad (their gradient would be dropped silently)."""
-    bad = isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_"
-    if isinstance(x, torch.Tensor):
-        bad = bad or x.dim() != 0 or x.dtype == torch.bool or x.is_complex() or x.requires_grad
-    elif getattr(x, "ndim", 0) != 0 or getattr(getattr(x, "dtype", None), "kind", "") in ("b", "c"):
-        bad = True
-    if bad:
-        raise TypeError(f"{name} must be {what}, got {type(x).__name__} {x!r}")
-
-
 def as_float(name: str, x, what: str = "a real number") -> float:
-    _plain_number(name, x, what)
+    reject_non_number(name, x, what)
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -217,7 +223,7 @@ def as_float(name: str, x, what: str = "a real number") -> float:
 
 
 def as_int(name: str, x) -> int:
-    _plain_number(name, x, "an int")
+    reject_non_number(name, x, "an int")
     try:
         return operator.index(x)
     except TypeError:

@@ -1,4 +1,4 @@
-"""The compiled backends ("cpu", "triton") as ``torch.library`` custom ops.
+"""The compiled backends ("cpu", "triton", "cuda") as ``torch.library`` custom ops.
 
 ``qstar::thought_attention_fwd`` and ``qstar::thought_attention_bwd`` are opaque to
 ``torch.compile``: their fake (meta) implementations give the output shapes, so a model that
@@ -12,9 +12,14 @@ from __future__ import annotations
 import torch
 
 from .backends import cpu as _cpu
+from .backends import cuda_backend as _cuda
 from .backends import triton_backend as _triton
 
-_IMPLS = {"cpu": (_cpu.forward, _cpu.backward), "triton": (_triton.forward, _triton.backward)}
+_IMPLS = {
+    "cpu": (_cpu.forward, _cpu.backward),
+    "triton": (_triton.forward, _triton.backward),
+    "cuda": (_cuda.forward, _cuda.backward),
+}
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

@@ -18,7 +18,9 @@ import warnings
 import torch
 
 from . import _ext, _ops  # noqa: F401  (_ops registers the qstar:: custom ops at import)
+from ._checks import reject_non_number
 from .backends import cpu as _cpu_backend
+from .backends import cuda_backend as _cuda_backend
 from .backends import torch_backend as _torch_backend
 from .backends import triton_backend as _triton_backend
 from .reference import thought_attention_reference
@@ -28,7 +30,7 @@ __all__ = ["thought_attention", "available_backends", "BACKENDS", "BackendUnavai
 logger = logging.getLogger("qstar_kernels")
 
 #: Every backend name the op knows, in order of preference on a CPU.
-BACKENDS = ("reference", "torch", "cpu", "triton")
+BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ENV_VAR = "QSTAR_BACKEND"
 _warned: set[str] = set()
@@ -68,6 +70,8 @@ def _unavailable(backend: str, device_type: str, dtype: torch.dtype, head_dim: i
         return ""
     if backend == "triton":
         return _triton_backend.unavailable_reason(device_type, dtype, head_dim) or ""
+    if backend == "cuda":
+        return _cuda_backend.unavailable_reason(device_type, dtype, head_dim) or ""
     raise AssertionError(backend)
 
 
@@ -183,22 +187,9 @@ def _validate(q, k, v, key_padding_mask, scale, sliding_window, return_lse):
     return scale, sliding_window
 
 
-def _plain_number(name: str, x, what: str) -> None:
-    """Reject what only looks like a number: bools (also NumPy's and 0-d bool tensors), strings,
-    arrays or tensors with dimensions, complex values, and tensors that require grad (the op is
-    not differentiable in them, and a gradient would be dropped silently)."""
-    bad = isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_"
-    if isinstance(x, torch.Tensor):
-        bad = bad or x.dim() != 0 or x.dtype == torch.bool or x.is_complex() or x.requires_grad
-    elif getattr(x, "ndim", 0) != 0 or getattr(getattr(x, "dtype", None), "kind", "") in ("b", "c"):
-        bad = True
-    if bad:
-        raise TypeError(f"{name} must be None or {what}, got {type(x).__name__} {x!r}")
-
-
 def _as_float(name: str, x) -> float:
     """Python/NumPy real numbers and 0-d real tensors."""
-    _plain_number(name, x, "a real number")
+    reject_non_number(name, x, "None or a real number")
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -207,7 +198,7 @@ def _as_float(name: str, x) -> float:
 
 def _as_int(name: str, x) -> int:
     """Python/NumPy integers and 0-d integer tensors."""
-    _plain_number(name, x, "an int")
+    reject_non_number(name, x, "None or an int")
     try:
         return operator.index(x)
     except TypeError:
@@ -239,9 +230,10 @@ def thought_attention(
         sliding_window: optional window ``W`` on the text block (``i - j < W``).
         return_lse: also return the ``(B, Hq, L)`` float32 log-sum-exp (``-inf`` on rows that
             see nothing; float64 for float64 inputs). It is differentiable.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, or None to choose by device
-            (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors; the ``QSTAR_BACKEND``
-            environment variable overrides the automatic choice).
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``, or None to choose
+            by device (``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors; the ``QSTAR_BACKEND``
+            environment variable overrides the automatic choice). ``"cuda"`` (the kernels of
+            ``csrc/cuda``, head dims 64 and 128) is chosen only explicitly.
 
     Returns:
         ``out`` ``(B, Hq, L, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
@@ -261,4 +253,6 @@ def thought_attention(
         return _cpu_backend.thought_attention_cpu(q, k, v, **kwargs)
     if chosen == "triton":
         return _triton_backend.thought_attention_triton(q, k, v, **kwargs)
+    if chosen == "cuda":
+        return _cuda_backend.thought_attention_cuda(q, k, v, **kwargs)
     raise AssertionError(chosen)

@@ -104,8 +104,8 @@ def mixed_token_logprobs(
         weight: ``(V, H)`` LM-head weight, the dtype of ``h_base``.
         target: ``(N,)`` int64 (or int32) ids in ``[0, V)`` or ``ignore_index``.
         ignore_index: the target value of rows without a target.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"`` or None (by device; see
-            :mod:`qstar_kernels._lm_head_dispatch` for the environment variables).
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None (by
+            device; see :mod:`qstar_kernels._lm_head_dispatch` for the environment variables).
 
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs) log-probabilities, differentiable in
@@ -136,4 +136,8 @@ def lm_head_passes(name: str):
         from .backends.lm_head_triton import TritonPasses
 
         return TritonPasses()
+    if name == "cuda":
+        from .backends.lm_head_cuda import CudaPasses
+
+        return CudaPasses()
     raise AssertionError(name)

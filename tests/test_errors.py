@@ -137,7 +137,7 @@ class TestBadInput:
 def test_unknown_backend():
     q, k, v = _qkv()
     with pytest.raises(
-        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton'\).*'flash'"
+        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton', 'cuda'\).*'flash'"
     ):
         thought_attention(q, k, v, backend="flash")
 

@@ -96,7 +96,8 @@ def test_op_specific_env_var(monkeypatch, calls):
     monkeypatch.setenv("QSTAR_LM_HEAD_BACKEND", "nope")
     with pytest.raises(
         ValueError,
-        match=r"QSTAR_LM_HEAD_BACKEND must be one of \('reference', 'torch', 'cpu', 'triton'\), got 'nope'",
+        match=r"QSTAR_LM_HEAD_BACKEND must be one of "
+        r"\('reference', 'torch', 'cpu', 'triton', 'cuda'\), got 'nope'",
     ):
         mixed_token_logprobs(*_inputs())
 
@@ -119,3 +120,21 @@ def test_global_env_var_naming_another_ops_backend_is_ignored_with_a_warning(mon
     with pytest.warns(RuntimeWarning, match=r"QSTAR_BACKEND='flex' names no backend of the LM-head ops"):
         mixed_token_logprobs(*_inputs())
     assert calls == ["cpu"]
+
+
+def test_cuda_backend_is_explicit_and_mixing_only(monkeypatch, calls):
+    """'cuda' (csrc/cuda/mixing.cu) never runs on CPU tensors, says why, and has no sampling."""
+    assert "cuda" in qstar_kernels.LM_HEAD_BACKENDS
+    assert "cuda" not in qstar_kernels.available_lm_head_backends("cpu")
+    with pytest.raises(
+        BackendUnavailableError, match=r"backend='cuda' cannot run: .*(CUDA tensors|not built)"
+    ):
+        mixed_token_logprobs(*_inputs(), backend="cuda")
+    with pytest.raises(BackendUnavailableError, match=r"implements mixed_token_logprobs only"):
+        sample_thought_tokens(torch.randn(5, 8), torch.randn(11, 8), backend="cuda")
+    # The package-wide variable naming 'cuda' (for the attention) leaves sampling to choose by device.
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setenv("QSTAR_BACKEND", "cuda")
+    with pytest.warns(RuntimeWarning, match=r"implements mixed_token_logprobs only"):
+        sample_thought_tokens(torch.randn(5, 8), torch.randn(11, 8))
+    assert calls[-1] == "cpu"

@@ -380,7 +380,7 @@ class TestBadInput:
 def test_bad_backend_names():
     hb, ht, w, weight, target = make_inputs(5, 11, 8)
     with pytest.raises(
-        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton'\).*'flash'"
+        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton', 'cuda'\).*'flash'"
     ):
         mixed_token_logprobs(hb, ht, w, weight, target, backend="flash")
     with pytest.raises(TypeError, match=r"backend must be a str or None, got int 3"):
@@ -396,7 +396,7 @@ def test_bad_backend_names():
     "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
 )
 @pytest.mark.parametrize("N,V,H", [(33, 3001, 64), (1000, 50000, 128)])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_on_cuda_matches_reference(backend, N, V, H, dtype, seed):

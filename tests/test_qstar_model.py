@@ -332,3 +332,42 @@ def test_presets_differ_as_documented():
     tiny = get_preset("tiny-demo")
     assert tiny.training.precision == "fp32"
     assert QuietStarConfig.from_dict(tiny.method.to_dict()) == tiny.method
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_other_architectures_wrap_and_keep_thoughts_private(arch):
+    """from_base works on any causal LM the patch supports: Llama and Qwen2 here."""
+    import transformers
+
+    tok = char_tokenizer()
+    cls, cfg_cls = {
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+    }[arch]
+    torch.manual_seed(0)
+    cfg = cfg_cls(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
+    model = QuietStarForCausalLM.from_base(cls(cfg), tok, QuietStarConfig(**CFG)).train()
+    with torch.no_grad():
+        model.mixing_head[-1].weight.normal_(0, 0.5)
+    ids, mask = text_batch(2, 12, pad_last=2)
+    thoughts = random_thoughts(model, 4, 12)
+    other = thoughts.clone()
+    other[:, 0, 4] = (other[:, 0, 4] - 3 + 5) % (model.start_id - 3) + 3
+    with torch.no_grad():
+        a = model(ids, mask, thought_tokens=thoughts)
+        b = model(ids, mask, thought_tokens=other)
+    diff = (a.rewards - b.rewards).abs()
+    assert float(diff[0, 4]) > 0
+    diff[0, 4] = 0
+    assert float(diff.max()) == 0.0
+    out = model(ids, mask, thought_tokens=thoughts)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

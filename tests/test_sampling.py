@@ -11,7 +11,7 @@ import pytest
 import torch
 from lm_head_helpers import FUSED, LOWP, assert_close, poisoned, require, tiles
 
-from qstar_kernels import _ext, draw_sampling_seed, sample_thought_tokens
+from qstar_kernels import BackendUnavailableError, _ext, draw_sampling_seed, sample_thought_tokens
 from qstar_kernels.backends.lm_head_torch import philox_gumbel_torch
 from qstar_kernels.reference import sample_thought_tokens_reference, thought_gumbel_noise
 from qstar_kernels.reference.sampling import philox4x32_10
@@ -431,8 +431,11 @@ class TestBadInput:
 def test_bad_backend_name():
     h, weight = make_inputs(5, 11, 8)
     with pytest.raises(
-        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton'\).*'cuda'"
+        ValueError, match=r"backend must be one of \('reference', 'torch', 'cpu', 'triton', 'cuda'\).*'flash'"
     ):
+        sample_thought_tokens(h, weight, backend="flash")
+    # 'cuda' is a backend of mixed_token_logprobs only: a clear error, not a silent substitute.
+    with pytest.raises(BackendUnavailableError, match=r"implements mixed_token_logprobs only"):
         sample_thought_tokens(h, weight, backend="cuda")
 
 

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/lm_head.h"
+#include "cpu/shared_math.h"
 #include "cpu/thought_attention.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -36,9 +37,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lm_head_gumbel_noise", &qstar::cpu::lm_head_gumbel_noise,
         "The sampling pass's Gumbel noise of rows [row0, row0 + rows), float32", py::arg("seed"),
         py::arg("row0"), py::arg("rows"), py::arg("vocab"));
+  m.def("lm_head_mix", &qstar::cpu::lm_head_mix,
+        "The mixing prologue (1 - w) * h_base + w * h_thought in dtype", py::arg("h_base"),
+        py::arg("h_thought"), py::arg("w"), py::arg("dtype"));
+  m.def("lm_head_mix_backward", &qstar::cpu::lm_head_mix_backward,
+        "The mixing epilogue: (grad_h_base, grad_h_thought, grad_w) from grad_h", py::arg("grad_h"),
+        py::arg("h_base"), py::arg("h_thought"), py::arg("w"));
   m.def("lm_head_set_poison", &qstar::cpu::lm_head_set_poison,
         "Test mode: fill every buffer the LM-head kernels allocate with NaN. Returns the old value.",
         py::arg("on"));
+  // The GPU/CPU shared maths in the CUDA kernels' sequence (tests/test_shared_math.py).
+  m.def("shared_online_softmax_rows", &qstar::cpu::online_softmax_rows, py::arg("scores"),
+        py::arg("n_push"), py::arg("tile"));
+  m.def("shared_softmax_bwd_rows", &qstar::cpu::softmax_bwd_rows, py::arg("scores"),
+        py::arg("lse"), py::arg("dp"), py::arg("do_dot_o"), py::arg("grad_lse"));
+  m.def("shared_lse_merge_tiles", &qstar::cpu::lse_merge_tiles, py::arg("z"), py::arg("tile"));
+  m.def("shared_logit_grad_rows", &qstar::cpu::logit_grad_rows, py::arg("z"), py::arg("lse"),
+        py::arg("index"), py::arg("coef"), py::arg("scale"));
   m.def("lm_head_backend_info", &qstar::cpu::lm_head_backend_info,
         "What the LM-head kernels run on, as one line");
 }

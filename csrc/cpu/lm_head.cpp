@@ -47,6 +47,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/lm_head_math.h"
 #include "common/philox.h"
 
 namespace qstar::cpu {
@@ -228,8 +229,7 @@ QSTAR_LM_AI int64_t body_sample(const T* __restrict z, int64_t n, int64_t v0, T 
 template <typename T>
 QSTAR_LM_AI void body_grad_row(T* __restrict z, int64_t n, int64_t index, T coef, T scale, T lse) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) z[j] = -coef * vexp(z[j] * scale - lse);
-  if (index >= 0 && index < n) z[index] += coef;
+  for (int64_t j = 0; j < n; ++j) z[j] = logit_grad_from_prob(vexp(z[j] * scale - lse), coef, j == index);
 }
 
 QSTAR_LM_CLONES float row_lse_f32(const float* z, int64_t n, float scale) {
@@ -454,22 +454,12 @@ void forward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64
 
   at::parallel_for(0, p.n, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      T m = -std::numeric_limits<T>::infinity();
-      bool nan = false;
+      // Online log-sum-exp over the units in vocabulary order (NaN stays NaN), in double.
+      double acc = -std::numeric_limits<double>::infinity();
       for (int64_t u = 0; u < p.units; ++u) {
-        const T x = pl[u * p.n + i];
-        nan |= (x != x);
-        m = x > m ? x : m;
+        acc = lse_merge_nan(acc, static_cast<double>(pl[u * p.n + i]));
       }
-      if (nan) {
-        lse[i] = std::numeric_limits<T>::quiet_NaN();
-      } else if (m == -std::numeric_limits<T>::infinity()) {
-        lse[i] = m;
-      } else {
-        double s = 0.0;
-        for (int64_t u = 0; u < p.units; ++u) s += std::exp(static_cast<double>(pl[u * p.n + i] - m));
-        lse[i] = static_cast<T>(static_cast<double>(m) + std::log(s));
-      }
+      lse[i] = static_cast<T>(acc);
       if (sampling) {
         T best = -std::numeric_limits<T>::infinity();
         int64_t tok = 0;
@@ -653,6 +643,80 @@ at::Tensor lm_head_gumbel_noise(int64_t seed, int64_t row0, int64_t rows, int64_
     }
   });
   return out;
+}
+
+namespace {
+void check_mix_inputs(const char* fn, const at::Tensor& h_base, const at::Tensor& h_thought,
+                      const at::Tensor& w) {
+  TORCH_CHECK(h_base.dim() == 2, fn, ": h_base must be 2-D (N, H), got shape ", h_base.sizes());
+  TORCH_CHECK(h_thought.sizes() == h_base.sizes(), fn, ": h_thought must have the shape of h_base ",
+              h_base.sizes(), ", got ", h_thought.sizes());
+  TORCH_CHECK(w.numel() == h_base.size(0), fn, ": w must have N = ", h_base.size(0),
+              " elements, got shape ", w.sizes());
+  for (const at::Tensor* t : {&h_base, &h_thought, &w}) {
+    TORCH_CHECK(t->device().is_cpu(), fn, ": the inputs must be CPU tensors, got ", t->device());
+  }
+}
+}  // namespace
+
+at::Tensor lm_head_mix(const at::Tensor& h_base, const at::Tensor& h_thought, const at::Tensor& w,
+                       at::ScalarType dtype) {
+  check_mix_inputs("lm_head_mix", h_base, h_thought, w);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "lm_head_mix: dtype must be float32 or float64, got ", dtype);
+  const at::Tensor hb = h_base.to(dtype).contiguous(), ht = h_thought.to(dtype).contiguous();
+  const at::Tensor wc = w.to(dtype).reshape({-1}).contiguous();
+  at::Tensor out = at::empty(hb.sizes(), hb.options());
+  const int64_t N = hb.size(0), H = hb.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lm_head_mix", [&] {
+    const scalar_t* b = hb.data_ptr<scalar_t>();
+    const scalar_t* t = ht.data_ptr<scalar_t>();
+    const scalar_t* ws = wc.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = 0; k < H; ++k) o[i * H + k] = mix_hidden(b[i * H + k], t[i * H + k], ws[i]);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_mix_backward(const at::Tensor& grad_h,
+                                                                    const at::Tensor& h_base,
+                                                                    const at::Tensor& h_thought,
+                                                                    const at::Tensor& w) {
+  check_mix_inputs("lm_head_mix_backward", h_base, h_thought, w);
+  TORCH_CHECK(grad_h.sizes() == h_base.sizes(), "lm_head_mix_backward: grad_h must have the shape ",
+              h_base.sizes(), ", got ", grad_h.sizes());
+  const at::ScalarType dtype = grad_h.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "lm_head_mix_backward: grad_h must be float32 or float64, got ", dtype);
+  const at::Tensor g = grad_h.contiguous();
+  const at::Tensor hb = h_base.to(dtype).contiguous(), ht = h_thought.to(dtype).contiguous();
+  const at::Tensor wc = w.to(dtype).reshape({-1}).contiguous();
+  at::Tensor gb = at::empty(g.sizes(), g.options()), gt = at::empty(g.sizes(), g.options());
+  at::Tensor gw = at::empty({g.size(0)}, g.options());
+  const int64_t N = g.size(0), H = g.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lm_head_mix_backward", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* b = hb.data_ptr<scalar_t>();
+    const scalar_t* t = ht.data_ptr<scalar_t>();
+    const scalar_t* ws = wc.data_ptr<scalar_t>();
+    scalar_t *ob = gb.data_ptr<scalar_t>(), *ot = gt.data_ptr<scalar_t>(), *ow = gw.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < H; ++k) {
+          const MixGrad<scalar_t> r = mix_hidden_grad(gp[i * H + k], b[i * H + k], t[i * H + k], ws[i]);
+          ob[i * H + k] = r.h_base;
+          ot[i * H + k] = r.h_thought;
+          acc += r.w_term;
+        }
+        ow[i] = static_cast<scalar_t>(acc);
+      }
+    });
+  });
+  return {gb, gt, gw};
 }
 
 bool lm_head_set_poison(bool on) { return g_poison.exchange(on); }

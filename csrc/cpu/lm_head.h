@@ -40,6 +40,18 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> lm_head_bwd(
 // draws it (for tests).
 at::Tensor lm_head_gumbel_noise(int64_t seed, int64_t row0, int64_t rows, int64_t vocab);
 
+// The mixing prologue (1 - w) h_base + w h_thought, (N, H) in dtype (float32 or float64); w has N
+// elements. The per-element maths is common/lm_head_math.h, which the CUDA kernels share.
+at::Tensor lm_head_mix(const at::Tensor& h_base, const at::Tensor& h_thought, const at::Tensor& w,
+                       at::ScalarType dtype);
+
+// The mixing epilogue of the backward: from grad_h (N, H) of the mixed state, (grad_h_base,
+// grad_h_thought, grad_w (N,)) in grad_h's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_mix_backward(const at::Tensor& grad_h,
+                                                                    const at::Tensor& h_base,
+                                                                    const at::Tensor& h_thought,
+                                                                    const at::Tensor& w);
+
 // Test mode: fill every buffer these kernels allocate (outputs, tables, tiles) with NaN (-7 for
 // integers) before they run. Returns the previous setting.
 bool lm_head_set_poison(bool on);

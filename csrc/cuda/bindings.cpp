@@ -5,7 +5,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "cuda/mixing_cuda.h"
+#include "cuda/thought_attention_cuda.h"
+
 namespace qstar {
+namespace cuda {
+bool set_poison_outputs(bool on);
+std::vector<int64_t> check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& keep, double scale,
+                                            int64_t window);
+}  // namespace cuda
 cudaError_t launch_thought_mask(const bool* keep, bool* mask, int64_t B, int64_t L, int64_t depth,
                                 int64_t window, cudaStream_t stream);
 }
@@ -40,6 +50,27 @@ at::Tensor build_thought_mask_cuda(const std::optional<at::Tensor>& keep, int64_
   return mask;
 }
 
+// The launch configuration of every kernel instance (for the resource test).
+py::list launch_table() {
+  const char* dtypes[] = {"float32", "float16", "bfloat16"};
+  qstar::cuda::LaunchInfo rows[128];
+  int n = qstar::cuda::thought_attention_launch_table(rows, 128);
+  TORCH_CHECK(n <= 128, "launch_table: more than 128 kernel instances");
+  n += qstar::cuda::mixing_launch_table(rows + n, 128 - n);
+  TORCH_CHECK(n <= 128, "launch_table: more than 128 kernel instances");
+  py::list out;
+  for (int i = 0; i < n; ++i) {
+    py::dict d;
+    d["kernel"] = rows[i].kernel;
+    d["dtype"] = dtypes[static_cast<int>(rows[i].dtype)];
+    d["head_dim"] = rows[i].head_dim;
+    d["threads"] = rows[i].threads;
+    d["dynamic_smem"] = rows[i].dynamic_smem;
+    out.append(d);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -47,4 +78,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_thought_mask", &build_thought_mask_cuda, "Dense bool thought mask on a CUDA device",
         py::arg("keep"), py::arg("B"), py::arg("L"), py::arg("depth"), py::arg("window"),
         py::arg("device"));
+  m.def("_set_poison_outputs", &qstar::cuda::set_poison_outputs,
+        "Test mode: fill every output of the qstar_cuda ops with NaN before the kernels write it. "
+        "Returns the previous setting.",
+        py::arg("on"));
+  m.def("check_attention_inputs", &qstar::cuda::check_attention_inputs,
+        "The C++ input checks of qstar_cuda::thought_attention_fwd on any device (for tests); "
+        "returns [B, Hq, Hkv, L, D, a, window]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("keep"), py::arg("scale"),
+        py::arg("window"));
+  m.def("launch_table", &launch_table,
+        "Every kernel instance with its threads per block and dynamic shared memory (bytes)");
 }

@@ -173,6 +173,24 @@ class LMHeadPasses:
     def lse_pass(self, h, weight):
         raise NotImplementedError
 
+    # The mixing prologue and epilogue and the target gather of mixed_token_logprobs; a backend
+    # may run them in its own kernels (cpu, cuda), by default plain PyTorch ops.
+    def mix(self, h_base, h_thought, w, dtype):
+        """``(1 - w) h_base + w h_thought`` (rows already selected) in ``dtype``."""
+        wc = w.reshape(-1, 1).to(dtype)
+        return (1 - wc) * h_base.to(dtype) + wc * h_thought.to(dtype)
+
+    def mix_backward(self, grad_h, h_base, h_thought, w):
+        """From ``grad_h`` (N, H) of the mixed state (accumulation dtype): ``(grad_h_base,
+        grad_h_thought, grad_w (N,))`` in that dtype."""
+        wc = w.reshape(-1, 1).to(grad_h.dtype)
+        diff = h_thought.to(grad_h.dtype) - h_base.to(grad_h.dtype)
+        return (1 - wc) * grad_h, wc * grad_h, (grad_h * diff).sum(-1)
+
+    def target_logits(self, h, weight, target):
+        """``h[i] . weight[target[i]]`` in ``h``'s dtype (the accumulation dtype)."""
+        return (h * weight.index_select(0, target).to(h.dtype)).sum(-1)
+
     def sample_pass(self, h, weight, banned, inv_t, lp_scale, seed):
         raise NotImplementedError
 
@@ -289,16 +307,15 @@ def _refuse_double_backward(op: str, backend: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _mix(h_base, h_thought, w, rows, dtype):
+def _mix(h_base, h_thought, w, rows, dtype, passes):
     """(1 - w) * h_base + w * h_thought on the given rows (all when rows is None), in dtype."""
     hb = h_base if rows is None else h_base.index_select(0, rows)
-    hb = hb.to(dtype)
     if h_thought is None:
-        return hb
+        return hb.to(dtype)
     ht = h_thought if rows is None else h_thought.index_select(0, rows)
-    wc = w.reshape(-1, 1)
-    wc = (wc if rows is None else wc.index_select(0, rows)).to(dtype)
-    return (1 - wc) * hb + wc * ht.to(dtype)
+    wc = w.reshape(-1)
+    wc = wc if rows is None else wc.index_select(0, rows)
+    return passes.mix(hb, ht, wc, dtype)
 
 
 class MixedTokenLogprobs(torch.autograd.Function):
@@ -310,12 +327,12 @@ class MixedTokenLogprobs(torch.autograd.Function):
         N, device = h_base.shape[0], h_base.device
         rows = (target != ignore_index).nonzero()[:, 0]  # (n,) the rows that have a target
         all_rows = rows.numel() == N
-        h = _mix(h_base, h_thought, w, None if all_rows else rows, acc)  # (n, H)
+        h = _mix(h_base, h_thought, w, None if all_rows else rows, acc, passes)  # (n, H)
         weight_g = weight.to(gemm).contiguous()
         t = target if all_rows else target.index_select(0, rows)
         lse = passes.lse_pass(h.to(gemm).contiguous(), weight_g)
         # The target logit as a row dot (in the accumulation dtype), not from the tiles.
-        z_t = (h * weight_g.index_select(0, t).to(acc)).sum(-1)
+        z_t = passes.target_logits(h, weight_g, t)
         logp_rows = (z_t - lse).clamp_max(0.0)  # log-probabilities are <= 0 (NaN stays NaN)
         if all_rows:
             logp = logp_rows
@@ -347,7 +364,7 @@ class MixedTokenLogprobs(torch.autograd.Function):
             rows = active if all_rows else rows[active]
             all_rows = False
         need_h = need_hb or need_ht or need_w
-        h = _mix(h_base, h_thought, w, None if all_rows else rows, acc)
+        h = _mix(h_base, h_thought, w, None if all_rows else rows, acc, passes)
         grad_h_rows, grad_weight = passes.grad_pass(
             h.to(gemm).contiguous(),
             weight.to(gemm).contiguous(),
@@ -369,14 +386,10 @@ class MixedTokenLogprobs(torch.autograd.Function):
             if h_thought is None:
                 grad_hb = grad_h.to(h_base.dtype) if need_hb else None
             else:
-                wc = w.reshape(-1, 1).to(acc)
-                if need_hb:
-                    grad_hb = ((1 - wc) * grad_h).to(h_base.dtype)
-                if need_ht:
-                    grad_ht = (wc * grad_h).to(h_thought.dtype)
-                if need_w:
-                    diff = h_thought.to(acc) - h_base.to(acc)
-                    grad_w = (grad_h * diff).sum(-1).reshape(w.shape).to(w.dtype)
+                g_hb, g_ht, g_w = passes.mix_backward(grad_h, h_base, h_thought, w)
+                grad_hb = g_hb.to(h_base.dtype) if need_hb else None
+                grad_ht = g_ht.to(h_thought.dtype) if need_ht else None
+                grad_w = g_w.reshape(w.shape).to(w.dtype) if need_w else None
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return (grad_hb, grad_ht, grad_w, grad_weight) + nones

@@ -24,6 +24,13 @@ class CpuPasses(LMHeadPasses):
         t = choose_tiling(h.shape[0], weight.shape[0], h.device, self)
         return t.rows, t.cols
 
+    # The mixing prologue/epilogue in C++ (common/lm_head_math.h, the maths the CUDA kernels run).
+    def mix(self, h_base, h_thought, w, dtype):
+        return self.ext.lm_head_mix(h_base, h_thought, w, dtype)
+
+    def mix_backward(self, grad_h, h_base, h_thought, w):
+        return self.ext.lm_head_mix_backward(grad_h.contiguous(), h_base, h_thought, w)
+
     def lse_pass(self, h, weight):
         return self.ext.lm_head_lse_fwd(h, weight, *self._tile(h, weight))
 
