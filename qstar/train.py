@@ -788,5 +788,11 @@ def main(argv=None) -> TrainResult:
             torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The ``qstar-train`` console script: exit status 0 on success (``main`` returns the result)."""
     main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

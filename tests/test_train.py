@@ -173,3 +173,12 @@ def test_cli_gradient_checkpointing_and_overrides():
     method, training, run = T.configs_from_args(args)
     assert method.gradient_checkpointing and method.n_rationales == 3 and training.learning_rate == 0.01
     assert run.model == "tiny" and run.output_dir == "runs/tiny-demo" and run.data.endswith("arithmetic.txt")
+
+
+def test_console_script_exits_zero(tmp_path, monkeypatch):
+    """``qstar-train`` is ``sys.exit(cli())``: it must return 0, not the TrainResult."""
+    argv = ["qstar-train", "--preset", "tiny-demo", "--max-steps", "1", "--batch-size", "2",
+            "--micro-batch-size", "2", "--seq-len", "16", "--output-dir", str(tmp_path), "--no-progress",
+            "--no-plot"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    assert T.cli() == 0 and (tmp_path / "checkpoint-1").is_dir()
