@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
 .PHONY: help install install-torch test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
-	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress clean
+	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress demo clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -25,6 +25,7 @@ help:
 	@echo "bench-lm-head the fused mixing/sampling ops vs materialised logits (benchmarks/mixing_ce.py)"
 	@echo "bench-lm-head-full  the same over the whole grid"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
+	@echo "demo          train the tiny Mistral on the shipped arithmetic corpus (CPU, minutes): runs/tiny-demo/"
 	@echo "clean         remove build products"
 
 install-torch:
@@ -88,6 +89,9 @@ bench-lm-head-full:
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only
+
+demo:
+	$(PY) -m qstar.train --preset tiny-demo
 
 clean:
 	rm -rf build dist *.egg-info qstar_kernels/*.so .pytest_cache .hypothesis .benchmarks

@@ -198,6 +198,9 @@ class TrainingConfig:
     save_every: int = 100
     #: decoded sample thoughts written to the log at each log step.
     log_sample_thoughts: int = 2
+    #: the NaN/Inf guard skips a step whose loss or gradient norm is not finite, and stops
+    #: training with an error after this many skipped steps in a row.
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -216,6 +219,7 @@ class TrainingConfig:
         for name in ("batch_size", "micro_batch_size", "max_steps", "seq_len", "log_every", "save_every"):
             _check_positive(name, getattr(self, name), integer=True)
         _check_positive("log_sample_thoughts", self.log_sample_thoughts, allow_zero=True, integer=True)
+        _check_positive("max_consecutive_skips", self.max_consecutive_skips, integer=True)
         _check_choice("precision", self.precision, PRECISIONS)
 
     def to_dict(self) -> dict:
@@ -270,23 +274,30 @@ def _default() -> Preset:
 
 def _tiny_demo() -> Preset:
     base = _default()
-    method = dataclasses.replace(base.method, n_thought_tokens=4, n_talk_tokens=2, n_rationales=2)
+    # The policy weight is 100, not 1e6: with 1e6 and clipping at 1 the update direction is the
+    # policy gradient as soon as any reward is non-zero, and on this tiny random model the NLL then
+    # climbs back (measured: base NLL 3.45 -> 3.97 over 5 steps at lr 3e-3). At 100 the two terms
+    # are of similar size and the NLL falls steadily (4.6 -> ~1.7 in 100 steps).
+    method = dataclasses.replace(
+        base.method, n_thought_tokens=4, n_talk_tokens=2, n_rationales=2, policy_loss_weight=100.0
+    )
     training = TrainingConfig(
-        learning_rate=3e-3,
+        learning_rate=2e-3,
         weight_decay=0.0,
         warmup_steps=10,
         decay_steps=None,
-        batch_size=16,
-        micro_batch_size=16,
-        max_steps=150,
+        batch_size=8,
+        micro_batch_size=8,
+        max_steps=120,
         seq_len=48,
         precision="fp32",
-        log_every=10,
-        save_every=50,
+        log_every=5,
+        save_every=60,
     )
     diffs = base.differences + [
-        "4 thought tokens, 2 talk tokens, 48-token windows, 150 steps of 16 sequences",
-        "fp32, lr 3e-3 constant after 10 warmup steps, no weight decay",
+        "4 thought tokens, 2 talk tokens, 48-token windows, 120 steps of 8 sequences",
+        "policy loss weight 100 instead of 1e6 (the tiny model's NLL climbs back at 1e6)",
+        "fp32, lr 2e-3 constant after 10 warmup steps, no weight decay",
     ]
     return Preset("tiny-demo", method, training, diffs)
 

@@ -187,6 +187,14 @@ def _thought_forward(state: ThoughtStep, module, query, key, value, attention_ma
             "model's own DynamicCache(config=...) when config.sliding_window is set) drops old keys: create "
             "the cache with DynamicCache() instead"
         )
+    if not query.dtype == key.dtype == value.dtype:
+        # Under torch.autocast, RoPE (float32 cos/sin) promotes q and k back to float32 while v stays
+        # in the autocast dtype; SDPA would compute in the autocast dtype, and so does this.
+        device_type = query.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype
+        )
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     window = kwargs.get("sliding_window")
     if window is not None and window <= 0:
         window = None
