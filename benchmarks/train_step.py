@@ -222,7 +222,7 @@ def plot(rows, png, title):
 
     names = [r["provider"] for r in rows]
     colors = {"authors": "#999999", "qstar": "#1f77b4", "qstar-ckpt": "#2ca02c"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, key, label, scale in (
         (axes[0], "tokens_per_s", "tokens / s (higher is better)", 1.0),
         (axes[1], "peak_bytes", "peak memory, MB (lower is better)", 1 / 2**20),
@@ -235,7 +235,7 @@ def plot(rows, png, title):
             ax.annotate(txt, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(label)
         ax.margins(y=0.25)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     if not args.no_plot:
         title = (
             f"Quiet-STaR training step, L={args.L}, thought {args.thought}, talk {args.talk}, "
-            f"rationales {args.rationales}: {format_machine(info)}"
+            f"rationales {args.rationales}\n{format_machine(info)}"
         )
         outputs.append(plot(rows, stem + ".png", title))
     print(f"\nwrote {', '.join(os.path.relpath(p) for p in outputs)}; wall {wall:.0f} s")
