@@ -237,6 +237,30 @@ def test_rollout_matches_dense_mask_other_architectures(arch):
     check_rollout_and_grads(arch, B=4, L=24, steps=5, seed=3)
 
 
+def test_rollout_under_bf16_autocast_matches_dense_mask():
+    """Under torch.autocast RoPE's float32 cos/sin promote q and k back to float32 while v stays
+    bfloat16; the patched attention casts all three to the autocast dtype (as SDPA computes) instead
+    of failing on mixed dtypes. The fp32-weight model then agrees with the dense-mask model under
+    the same autocast within bf16 rounding, and gradients flow."""
+    base = make_model("mistral", seed=5)
+    patched = apply_qstar_kernels(copy.deepcopy(base))
+    g = torch.Generator().manual_seed(6)
+    B, L, steps = 2, 16, 4
+    keep = make_keep(B, L)
+    tokens = [torch.randint(2, VOCAB, (B, L), generator=g) for _ in range(steps)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = rollout(patched, tokens, keep, fused=True, hidden=False)
+        dense = rollout(base, tokens, keep, fused=False, hidden=False)
+    seen = sees_something(keep)
+    for (got, _), (want, _) in zip(fused, dense):
+        assert got.dtype == want.dtype
+        assert torch.isfinite(got).all()
+        assert rel_err(got[seen].float(), want[seen].float()) < 3e-2
+    sum(lg[seen].float().sum() for lg, _ in fused).backward()
+    grads = [p.grad for p in patched.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
 def test_rollout_after_an_ordinary_text_pass():
     """Step 0 as an ordinary forward (2-D padding mask, transformers' own causal mask), then the
     thought steps inside thought_step: the same as the dense-mask rollout."""
