@@ -416,7 +416,7 @@ class QuietStarForCausalLM(nn.Module):
         # Talk steps: <end>, then the true tokens x_{j+1} .. x_{j+K-1}; step s predicts x_{j+1+s}.
         step_input = self._meta_input(self.end_embedding, R, L)
         first_talk = n_think + 2
-        talk_ce, talk_nll, deltas, weights = [], [], [], []
+        talk_nll, deltas, weights = [], [], []
         n_reward = L - n_talk - 1
         for s in range(n_talk):
             h = self._run_step(step_input, positions, keep, cache, first_talk + s)  # (R, L, H)
@@ -427,7 +427,6 @@ class QuietStarForCausalLM(nn.Module):
             tgt, valid = targets(1 + s)
             ce = -mixed_token_logprobs(hb.reshape(-1, H), h.reshape(-1, H), w.reshape(-1), W, tgt.reshape(-1))
             ce = ce.view(R, L)
-            talk_ce.append(ce)
             talk_nll.append(self._nll(ce, valid))
             deltas.append(ce_base.detach()[:, s : s + n_reward] - ce.detach()[:, :n_reward])
             weights.append(w.detach().view(R, L))
