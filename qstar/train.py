@@ -45,6 +45,7 @@ from qstar.data import DEMO_CORPUS, GlobalBatchSampler, load_documents, make_win
 log = logging.getLogger("qstar.train")
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp2")
+FSDP_UNITS = ("layer", "model")
 REPORTERS = ("tensorboard", "wandb")
 CSV_FIELDS = [
     "step", "lr", "loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "reward_std",
@@ -68,6 +69,9 @@ class RunConfig:
     resume: str | None = None
     #: "auto" picks ddp under torchrun (WORLD_SIZE > 1) and none otherwise.
     distributed: str = "auto"
+    #: --distributed fsdp2: "layer" shards each decoder layer and the root as FSDP2 units (the
+    #: default), "model" the whole model as one unit.
+    fsdp_unit: str = "layer"
     report_to: list[str] = field(default_factory=list)
     device: str | None = None
     #: torch intra-op threads on the CPU (None: torch's default). The tiny model's ops are too small
@@ -80,6 +84,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"--distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if self.fsdp_unit not in FSDP_UNITS:
+            raise ValueError(f"--fsdp-unit must be one of {FSDP_UNITS}, got {self.fsdp_unit!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
         for r in self.report_to:
@@ -171,8 +177,9 @@ def build_model(run: RunConfig, method: QuietStarConfig, seed: int, checkpoint: 
         return cls.from_base(base, tokenizer, method)
 
 
-def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False):
-    """DDP, or FSDP2 (``fully_shard`` on the whole model, one unit; see below)."""
+def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False, fsdp_unit: str = "layer"):
+    """DDP, or FSDP2 (``fully_shard`` per decoder layer and on the root, or on the whole model as
+    one unit with ``fsdp_unit="model"``; see below)."""
     if dist.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -181,15 +188,67 @@ def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False):
     if dist.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        # ONE unit, the whole model: parameters, gradients and Adam state are sharded at rest, the
-        # parameters are all-gathered once per micro-batch and held through its backward, and the
-        # gradients are reduce-scattered once. Per-decoder-layer units do not work here: each layer
-        # runs once per rollout step, and the KV cache carries gradient into its k/v projections
-        # outside the layer's outputs, so FSDP's per-module backward hooks do not see it (freed
-        # parameter storage in the backward; with resharding off, one reduce-scatter per step and
-        # wrong gradients). tests/test_train_distributed.py checks the gradients.
+        # "layer": each decoder layer is a unit (its parameters are gathered for its call and freed
+        # after it, in the forward and again in the backward), and the root holds the rest
+        # (embeddings, heads, final norm). Each layer runs once per rollout step, so a micro-batch
+        # all-gathers each layer once per step in the forward and once per step in the backward.
+        # Its gradient is reduce-scattered once: autograd sums a parameter's uses and accumulates
+        # it once, and on the engine's ready queue (later-created nodes first) that happens before
+        # the layer's last post-backward, step 0's. FSDP2 unshards a layer in the backward from
+        # hooks on its outputs, but the KV cache carries gradient into the key/value projections
+        # outside them (later steps read step a's keys; the last layer's output at the step after
+        # the last thought token gets no gradient at all), so on its own the k/v backward meets
+        # freed parameter storage; _unshard_before_kv_backward gathers the layer's parameters in
+        # the backward of its key/value projections' outputs.
+        # "model": the whole model is one unit, gathered once per micro-batch and held through its
+        # backward, one reduce-scatter: more memory, far less communication.
+        # tests/test_train_distributed.py checks both against one process's gradients, with and
+        # without gradient checkpointing.
+        if fsdp_unit not in FSDP_UNITS:
+            raise ValueError(f"fsdp_unit must be one of {FSDP_UNITS}, got {fsdp_unit!r}")
+        if fsdp_unit == "layer":
+            for layer in model._decoder().layers:
+                fully_shard(layer)
+                _unshard_before_kv_backward(layer)
         fully_shard(model)
     return model
+
+
+class _UnshardInBackward(torch.autograd.Function):
+    """Identity; its backward all-gathers ``module``'s parameters (FSDP2 ``unshard``, a no-op when
+    they are gathered). On a projection's output it runs just before the projection's backward:
+    no node created between the two (no other call's post-backward reshard) can run in between."""
+
+    @staticmethod
+    def forward(ctx, module, x):
+        ctx.module = module
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module.unshard()
+        return None, grad
+
+
+def _unshard_before_kv_backward(layer) -> None:
+    """Gather ``layer``'s parameters before the backward of its key/value projections."""
+    names = [n for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in _KV_PROJECTIONS]
+    if not names:
+        raise ValueError(
+            f"no key/value projection ({', '.join(_KV_PROJECTIONS)}) in {type(layer).__name__}; "
+            "use --fsdp-unit model"
+        )
+
+    def hook(module, args, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            return _UnshardInBackward.apply(layer, output)
+        return output
+
+    for n in names:
+        layer.get_submodule(n).register_forward_hook(hook)
+
+
+_KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj")
 
 
 def _meta_copy(model):
@@ -548,7 +607,7 @@ def train(method: QuietStarConfig, training: TrainingConfig, run: RunConfig) -> 
         model = model.to(torch.bfloat16)
     model = model.to(dist.device)
     export_template = _meta_copy(model) if dist.mode == "fsdp2" and dist.is_main else None
-    model = wrap_model(model, dist)
+    model = wrap_model(model, dist, fsdp_unit=run.fsdp_unit)
     optimizer, scheduler = build_optimizer(model, training, dist.device)
     generator = torch.Generator(dist.device).manual_seed(training.seed + 1 + dist.rank)
 
@@ -730,6 +789,9 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--resume", default=None, help="'latest', a checkpoint dir, or an output dir")
     p.add_argument("--distributed", default="auto", choices=DISTRIBUTED)
+    p.add_argument(
+        "--fsdp-unit", default="layer", choices=FSDP_UNITS, help="fsdp2 units: layer (+ root) or model"
+    )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on the CPU (tiny-demo: 1)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each rollout step")
@@ -766,6 +828,7 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
         output_dir=args.output_dir or f"runs/{args.preset}",
         resume=args.resume,
         distributed=args.distributed,
+        fsdp_unit=args.fsdp_unit,
         report_to=[r.strip() for r in args.report_to.split(",") if r.strip()],
         device=args.device,
         cpu_threads=args.cpu_threads or (1 if args.preset == "tiny-demo" else None),

@@ -2,7 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py MODE OUT
 
-1. Gradients: the tiny model, wrapped as the trainer wraps it (MODE = ddp or fsdp2), does one forward
+MODE is ddp, fsdp2 (one FSDP2 unit per decoder layer, and the root) or fsdp2:model (one unit).
+
+1. Gradients: the tiny model, wrapped as the trainer wraps it, does one forward
    and backward on this rank's half of a fixed global batch with injected thoughts, with and without
    gradient checkpointing; rank 0 writes the full gradients (FSDP2: ``full_tensor()``) to OUT/grads.pt.
 2. The trainer: ``qstar.train.main`` for 2 optimizer steps, then again with ``--resume latest`` to 3.
@@ -53,6 +55,8 @@ def gradients(model) -> dict:
 def main(mode: str, out: Path) -> None:
     import dataclasses
 
+    mode, _, unit = mode.partition(":")
+    unit = unit or "layer"
     dist = T.setup_distributed(mode, "cpu")
     rank, world = dist.rank, dist.world_size
     results = {}
@@ -62,7 +66,12 @@ def main(mode: str, out: Path) -> None:
         ids, thoughts = global_batch(method)
         per = ids.shape[0] // world
         rows = per * method.n_rationales
-        model = T.wrap_model(model, dist)
+        model = T.wrap_model(model, dist, fsdp_unit=unit)
+        if mode == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            layers = model._decoder().layers
+            assert all(isinstance(layer, FSDPModule) == (unit == "layer") for layer in layers), unit
         model.train()
         o = model(
             ids[rank * per : (rank + 1) * per], thought_tokens=thoughts[:, rank * rows : (rank + 1) * rows]
@@ -74,7 +83,8 @@ def main(mode: str, out: Path) -> None:
 
     common = ["--preset", "tiny-demo", "--distributed", mode, "--batch-size", "4", "--micro-batch-size", "1",
               "--seq-len", "24", "--n-thought-tokens", "2", "--save-every", "1", "--log-every", "1",
-              "--output-dir", str(out / "run"), "--no-progress", "--no-plot"]  # fmt: skip
+              "--fsdp-unit", unit, "--output-dir", str(out / "run"),
+              "--no-progress", "--no-plot"]  # fmt: skip
     T.main(common + ["--max-steps", "2"])  # the process group stays this worker's
     T.main(common + ["--max-steps", "3", "--resume", "latest"])
     torch.distributed.destroy_process_group()
