@@ -71,7 +71,7 @@ class RunConfig:
     distributed: str = "auto"
     #: --distributed fsdp2: "layer" shards each decoder layer and the root as FSDP2 units (the
     #: default), "model" the whole model as one unit.
-    fsdp_unit: str = "layer"
+    fsdp_unit: str = "model"
     report_to: list[str] = field(default_factory=list)
     device: str | None = None
     #: torch intra-op threads on the CPU (None: torch's default). The tiny model's ops are too small
@@ -177,9 +177,9 @@ def build_model(run: RunConfig, method: QuietStarConfig, seed: int, checkpoint: 
         return cls.from_base(base, tokenizer, method)
 
 
-def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False, fsdp_unit: str = "layer"):
-    """DDP, or FSDP2 (``fully_shard`` per decoder layer and on the root, or on the whole model as
-    one unit with ``fsdp_unit="model"``; see below)."""
+def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False, fsdp_unit: str = "model"):
+    """DDP, or FSDP2 (``fully_shard`` on the whole model as one unit, or per decoder layer and on
+    the root with ``fsdp_unit="layer"``; see below)."""
     if dist.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -203,7 +203,9 @@ def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False, fsdp_
         # "model": the whole model is one unit, gathered once per micro-batch and held through its
         # backward, one reduce-scatter: more memory, far less communication.
         # tests/test_train_distributed.py checks both against one process's gradients, with and
-        # without gradient checkpointing.
+        # without gradient checkpointing. "model" is the default: "layer"'s single reduce-scatter
+        # rests on the autograd engine's node order, which no API promises; a change there would
+        # drop gradient contributions silently.
         if fsdp_unit not in FSDP_UNITS:
             raise ValueError(f"fsdp_unit must be one of {FSDP_UNITS}, got {fsdp_unit!r}")
         if fsdp_unit == "layer":
@@ -790,7 +792,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="'latest', a checkpoint dir, or an output dir")
     p.add_argument("--distributed", default="auto", choices=DISTRIBUTED)
     p.add_argument(
-        "--fsdp-unit", default="layer", choices=FSDP_UNITS, help="fsdp2 units: layer (+ root) or model"
+        "--fsdp-unit",
+        default="model",
+        choices=FSDP_UNITS,
+        help="fsdp2 units: model (one unit, the default) or layer (per decoder layer + root)",
     )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on the CPU (tiny-demo: 1)")

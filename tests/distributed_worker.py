@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py MODE OUT
 
-MODE is ddp, fsdp2 (one FSDP2 unit per decoder layer, and the root) or fsdp2:model (one unit).
+MODE is ddp, fsdp2 (the whole model as one FSDP2 unit, the default) or fsdp2:layer (one unit per
+decoder layer, and the root).
 
 1. Gradients: the tiny model, wrapped as the trainer wraps it, does one forward
    and backward on this rank's half of a fixed global batch with injected thoughts, with and without
@@ -56,7 +57,7 @@ def main(mode: str, out: Path) -> None:
     import dataclasses
 
     mode, _, unit = mode.partition(":")
-    unit = unit or "layer"
+    unit = unit or "model"
     dist = T.setup_distributed(mode, "cpu")
     rank, world = dist.rank, dist.world_size
     results = {}

@@ -1,5 +1,5 @@
 """The trainer under torchrun with 2 processes on the CPU (gloo): DDP and FSDP2 (``fully_shard``),
-per decoder layer (the default) and on the whole model as one unit (``fsdp2:model``).
+on the whole model as one unit (the default) and per decoder layer (``fsdp2:layer``).
 
 Each mode is one ``torchrun --nproc-per-node 2`` launch of ``tests/distributed_worker.py``:
 
@@ -54,7 +54,7 @@ def reference():
     return {ckpt: reference_gradients(ckpt) for ckpt in (False, True)}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2:model"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2:layer"])
 def test_two_processes_match_one_and_train(mode, tmp_path, reference):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
