@@ -3,7 +3,8 @@
 # device's name in benchmarks/results/gpu_check_<device>/ (commit that folder):
 #   1. every GPU test (pytest -m gpu: Triton, CUDA, mixing/sampling, mask builder), with a JUnit XML;
 #   2. the attention benchmark on the GPU (full grid, claims checked) and the LM-head benchmark;
-#   3. whether the CUDA backend is within 1.2x of Triton on each configuration.
+#   3. whether the CUDA backend is within 1.2x of Triton on each configuration;
+#   4. one Quiet-STaR training step, ours vs the authors' way (benchmarks/train_step.py).
 # Every step runs even if an earlier one fails; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,6 @@ step pytest_gpu "$PY" -m pytest -m gpu -rs --junitxml="$out/pytest_gpu.xml"
 step mask_attention "$PY" benchmarks/mask_attention.py --device cuda --full --check --out-dir "$out" --tag cuda_full
 step mixing_ce "$PY" benchmarks/mixing_ce.py --device cuda --full --out-dir "$out" --tag cuda_full
 step cuda_vs_triton "$PY" benchmarks/cuda_vs_triton.py "$out"/*.csv
+step train_step "$PY" benchmarks/train_step.py --device cuda --check --out-dir "$out" --tag cuda
 echo "gpu-check: results in $out (exit status $status)"
 exit "$status"
