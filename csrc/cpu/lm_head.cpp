@@ -32,7 +32,6 @@
 #include "cpu/lm_head.h"
 
 #include <ATen/Parallel.h>
-#include <dlfcn.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -48,6 +47,7 @@
 #include <vector>
 
 #include "common/lm_head_math.h"
+#include "cpu/blas.h"
 #include "common/philox.h"
 
 namespace qstar::cpu {
@@ -267,59 +267,6 @@ void row_grad(float* z, int64_t n, int64_t index, float coef, float scale, float
 // ------------------------------------------------------------------------------------------------
 // BLAS (single-threaded calls from inside the parallel region)
 // ------------------------------------------------------------------------------------------------
-
-// The integer arguments point at 64-bit integers holding small values: an LP64 BLAS (torch's MKL)
-// reads the low half on a little-endian machine, an ILP64 one all of it.
-using blas_int = std::conditional_t<std::endian::native == std::endian::little, int64_t, int>;
-template <typename T>
-using gemm_fn = void (*)(const char*, const char*, const blas_int*, const blas_int*, const blas_int*,
-                         const T*, const T*, const blas_int*, const T*, const blas_int*, const T*, T*,
-                         const blas_int*);
-using set_threads_fn = int (*)(int);
-
-struct Blas {
-  gemm_fn<float> sgemm = nullptr;
-  gemm_fn<double> dgemm = nullptr;
-  set_threads_fn set_threads_local = nullptr;
-};
-
-void* lookup(const char* name) {
-  if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
-    void* p = dlsym(lib, name);
-    dlclose(lib);
-    if (p != nullptr) return p;
-  }
-  return dlsym(RTLD_DEFAULT, name);
-}
-
-const Blas& blas() {
-  static const Blas b = [] {
-    Blas r;
-    const char* off = std::getenv("QSTAR_CPU_NO_BLAS");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return r;
-    r.sgemm = reinterpret_cast<gemm_fn<float>>(lookup("sgemm_"));
-    r.dgemm = reinterpret_cast<gemm_fn<double>>(lookup("dgemm_"));
-    r.set_threads_local = reinterpret_cast<set_threads_fn>(lookup("MKL_Set_Num_Threads_Local"));
-    return r;
-  }();
-  return b;
-}
-
-class BlasOneThread {
- public:
-  BlasOneThread() : fn_(blas().set_threads_local) {
-    if (fn_) prev_ = fn_(1);
-  }
-  ~BlasOneThread() {
-    if (fn_) fn_(prev_);
-  }
-  BlasOneThread(const BlasOneThread&) = delete;
-  BlasOneThread& operator=(const BlasOneThread&) = delete;
-
- private:
-  set_threads_fn fn_;
-  int prev_ = 0;
-};
 
 template <typename T>
 constexpr at::ScalarType scalar_of() {

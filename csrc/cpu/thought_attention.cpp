@@ -38,7 +38,6 @@
 #include "cpu/thought_attention.h"
 
 #include <ATen/Parallel.h>
-#include <dlfcn.h>
 #if defined(__x86_64__) || defined(__i386__)
 #define QSTAR_X86 1
 #include <immintrin.h>
@@ -59,6 +58,7 @@
 #include <type_traits>
 
 #include "common/softmax_math.h"
+#include "cpu/blas.h"
 
 namespace qstar::cpu {
 namespace {
@@ -78,63 +78,7 @@ at::Tensor poisoned(at::Tensor t) {
 // ------------------------------------------------------------------------------------------------
 // BLAS
 // ------------------------------------------------------------------------------------------------
-// The integer arguments are passed as pointers to 64-bit integers holding small values: on a
-// little-endian machine an LP64 BLAS (32-bit ints, torch's MKL) reads the low half, which is the
-// same value, and an ILP64 one reads all of it, so either interface works.
-// (Big-endian: plain 32-bit ints, LP64 only.)
-using blas_int = std::conditional_t<std::endian::native == std::endian::little, int64_t, int>;
-using sgemm_fn = void (*)(const char*, const char*, const blas_int*, const blas_int*,
-                          const blas_int*, const float*, const float*, const blas_int*, const float*,
-                          const blas_int*, const float*, float*, const blas_int*);
-using dgemm_fn = void (*)(const char*, const char*, const blas_int*, const blas_int*,
-                          const blas_int*, const double*, const double*, const blas_int*,
-                          const double*, const blas_int*, const double*, double*, const blas_int*);
-using mkl_set_local_fn = int (*)(int);
-
-struct Blas {
-  sgemm_fn sgemm = nullptr;
-  dgemm_fn dgemm = nullptr;
-  mkl_set_local_fn set_threads_local = nullptr;
-};
-
-// Prefer the symbol of libtorch_cpu itself (the MKL torch was built with, LP64), then whatever the
-// default lookup scope of this module offers.
-void* find_symbol(const char* name) {
-  if (void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
-    void* p = dlsym(h, name);
-    dlclose(h);
-    if (p != nullptr) return p;
-  }
-  return dlsym(RTLD_DEFAULT, name);
-}
-
-const Blas& blas() {
-  static const Blas b = [] {
-    Blas r;
-    const char* off = std::getenv("QSTAR_CPU_NO_BLAS");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return r;
-    r.sgemm = reinterpret_cast<sgemm_fn>(find_symbol("sgemm_"));
-    r.dgemm = reinterpret_cast<dgemm_fn>(find_symbol("dgemm_"));
-    r.set_threads_local =
-        reinterpret_cast<mkl_set_local_fn>(find_symbol("MKL_Set_Num_Threads_Local"));
-    return r;
-  }();
-  return b;
-}
-
-// Keeps MKL single-threaded on this thread while it lives (we parallelise outside the GEMMs).
-struct MklSingleThread {
-  mkl_set_local_fn fn;
-  int prev = 0;
-  MklSingleThread() : fn(blas().set_threads_local) {
-    if (fn) prev = fn(1);
-  }
-  ~MklSingleThread() {
-    if (fn) fn(prev);  // prev == 0 restores the global setting
-  }
-  MklSingleThread(const MklSingleThread&) = delete;
-  MklSingleThread& operator=(const MklSingleThread&) = delete;
-};
+// blas(), blas_int and BlasOneThread: cpu/blas.h.
 
 template <typename T>
 constexpr at::ScalarType scalar_type_of() {
@@ -535,7 +479,7 @@ void fwd_kernel(const Geom& g, const T* q, const T* k, const T* v, const T* bias
 
 #pragma omp parallel num_threads(nt)
   {
-    MklSingleThread mkl_guard;
+    BlasOneThread mkl_guard;
     T* base = scratch_base + omp_get_thread_num() * per_thread;
     T* Qs = base;           // (M, D) the group's queries
     T* Os = Qs + szQ;       // (M, D) running sum of exp(s - m) v over the text keys
@@ -663,7 +607,7 @@ void bwd_kernel(const Geom& g, const T* dout, const T* q, const T* k, const T* v
 
 #pragma omp parallel num_threads(nt)
   {
-    MklSingleThread mkl_guard;
+    BlasOneThread mkl_guard;
     const int tid = omp_get_thread_num();
     T* base = scratch_base + tid * per_thread;
     T* Qs = base;          // (M, D)
