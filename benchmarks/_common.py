@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -48,6 +49,12 @@ from collections.abc import Callable, Sequence
 # The profiler's Kineto backend logs start/stop lines (and a GPU probe error without a GPU) to
 # stderr; keep them out of the benchmark output unless the user asked for them.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
+#: The checkout root. Run from a checkout without an install, the benchmarks import the packages
+#: (qstar_kernels, qstar) from here: importing this module puts it on sys.path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("qstar_kernels") is None:
+    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 

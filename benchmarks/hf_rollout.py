@@ -60,12 +60,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-try:
-    import qstar_kernels
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import qstar_kernels
-
+import qstar_kernels  # noqa: E402  (after _common, which finds it in a checkout)
 from qstar_kernels import build_additive_thought_mask  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

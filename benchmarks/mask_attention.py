@@ -65,13 +65,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-try:
-    import qstar_kernels
-    from qstar_kernels.reference import build_additive_thought_mask, thought_mask_mod
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import qstar_kernels
-    from qstar_kernels.reference import build_additive_thought_mask, thought_mask_mod
+import qstar_kernels  # noqa: E402  (after _common, which finds it in a checkout)
+from qstar_kernels.reference import build_additive_thought_mask, thought_mask_mod  # noqa: E402
 
 log = logging.getLogger("bench.mask_attention")
 

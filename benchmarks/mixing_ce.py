@@ -55,11 +55,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-try:
-    import qstar_kernels
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import qstar_kernels
+import qstar_kernels  # noqa: E402  (after _common, which finds it in a checkout)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -58,12 +58,6 @@ from _common import (  # noqa: E402
     write_csv,
     write_json,
 )
-
-try:
-    import qstar  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, ROOT)
-
 from quietstar_plain import plain_quietstar_forward  # noqa: E402
 
 from qstar import QuietStarConfig, QuietStarForCausalLM  # noqa: E402
