@@ -84,3 +84,70 @@ class RolloutCache(Cache):
     @step.setter
     def step(self, value: int) -> None:
         self._clock.step = int(value)
+
+
+class _BufferedLayer(DynamicLayer):
+    """One layer's keys in a preallocated buffer: ``update`` writes in place, ``truncate`` drops a
+    suffix by moving the length back (no copy, no ``torch.cat`` of the whole cache per token)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = int(capacity)
+        self.length = 0
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._kbuf is None:
+            B, H, _, D = key_states.shape
+            self._kbuf = key_states.new_empty(B, H, self.capacity, D)
+            self._vbuf = value_states.new_empty(
+                B, value_states.shape[1], self.capacity, value_states.shape[-1]
+            )
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(
+                f"ThoughtBranchCache: {end} keys exceed the capacity {self.capacity} it was created with"
+            )
+        self._kbuf[:, :, self.length : end] = key_states
+        self._vbuf[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self._kbuf[:, :, :end]
+        self.values = self._vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def truncate(self, length: int) -> None:
+        if self._kbuf is None:
+            return
+        self.length = int(length)
+        self.keys = self._kbuf[:, :, : self.length]
+        self.values = self._vbuf[:, :, : self.length]
+
+
+class ThoughtBranchCache(Cache):
+    """The decode cache of generation with thoughts: the text's keys, then a private branch.
+
+    Generation appends the text token and the thought (``<start> t_1 .. t_n <end>``) of the newest
+    position, then :meth:`drop_branch` cuts the cache back to the text, so later text never attends
+    to an earlier thought. The keys live in a buffer of ``capacity`` positions allocated once, so
+    dropping a branch copies nothing.
+    """
+
+    def __init__(self, config, capacity: int) -> None:
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[_BufferedLayer(capacity) for _ in range(n_layers)])
+        self.text_length = 0
+
+    def commit_text(self, n_tokens: int) -> None:
+        """The first ``n_tokens`` new keys of the last forward are text; they stay."""
+        self.text_length += int(n_tokens)
+
+    def drop_branch(self) -> None:
+        """Forget every key after the text (the newest position's thought)."""
+        for layer in self.layers:
+            layer.truncate(self.text_length)

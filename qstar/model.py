@@ -61,6 +61,19 @@ class QuietStarOutput:
         thought_tokens: ``(n_thought_tokens, R, L)`` int64, the sampled (or injected) thoughts.
         thought_logprobs: ``(n_thought_tokens, R, L)`` ``log_softmax(z / reinforce_temperature)[t]``,
             the meta tokens excluded (detached; the policy loss recomputes the ones it needs).
+        base_logprobs: ``(R, L)`` ``log p_base(x_{j+1})`` of the step-0 pass, 0 where the target is
+            padding or past the end (detached). Per-token, for perplexity and the gain from thinking.
+        talk_logprobs: ``(K, R, L)`` ``log p_mix,s(x_{j+1+s})`` of each talk step (detached, 0 where
+            ignored). In eval mode (``K = 1``) ``talk_logprobs[0] - base_logprobs`` is the per-token
+            gain from thinking.
+        logits: ``(R, L, V)`` float32 (float64 for a float64 model) mixed next-token logits of talk
+            step 0 (each position's own thought), only with ``forward(..., output_logits=True)``;
+            else None. This is what the authors' eval-mode forward returns as ``logits``.
+        base_hidden: ``(R, L, H)`` the step-0 final hidden states, only with
+            ``output_hidden_states=True``; else None.
+        mixed_hidden: ``(R, L, H)`` float32 ``(1 - w) h_base + w h_thought`` of talk step 0, only
+            with ``output_hidden_states=True``; else None. ``mixed_logits(mixed_hidden, W)`` gives
+            ``logits``, and a few columns of ``W`` give the logits of a few tokens.
     """
 
     loss: torch.Tensor
@@ -72,6 +85,30 @@ class QuietStarOutput:
     mixing_weights: torch.Tensor
     thought_tokens: torch.Tensor
     thought_logprobs: torch.Tensor
+    base_logprobs: torch.Tensor
+    talk_logprobs: torch.Tensor
+    logits: torch.Tensor | None = None
+    base_hidden: torch.Tensor | None = None
+    mixed_hidden: torch.Tensor | None = None
+
+
+def mix_hidden(h_base: torch.Tensor, h_thought: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(1 - w) * h_base + w * h_thought`` in float32, float64 for float64 states (``w`` has one
+    entry per row: ``(..., 1)``).
+
+    The one definition of the mixed state shared by the forward's ``logits`` and generation, so the
+    two agree to the last bit given the same inputs (``kernels.md`` section 2 mixes in float32 too).
+    """
+    dtype = torch.float64 if h_base.dtype == torch.float64 else torch.float32
+    w = w.to(dtype)
+    return (1 - w) * h_base.to(dtype) + w * h_thought.to(dtype)
+
+
+def mixed_logits(mixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits ``mixed @ weight.T`` of a mixed state, float32 (float64 for a float64 model). The
+    matmul runs in the weight's dtype: no float32 copy of a bf16 LM head."""
+    out = F.linear(mixed.to(weight.dtype), weight)
+    return out if out.dtype == torch.float64 else out.float()
 
 
 def build_mixing_head(hidden_size: int, config: QuietStarConfig) -> nn.Sequential:
@@ -325,6 +362,8 @@ class QuietStarForCausalLM(nn.Module):
         *,
         thought_tokens: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        output_logits: bool = False,
+        output_hidden_states: bool = False,
     ) -> QuietStarOutput:
         """The Quiet-STaR training forward (``quietstar.md`` section 14).
 
@@ -334,6 +373,9 @@ class QuietStarForCausalLM(nn.Module):
             thought_tokens: ``(n_thought_tokens, B * n_rationales, L)`` injected thoughts instead of
                 sampled ones (rows are ``repeat_interleave``-d copies: row ``b * P + p``).
             generator: the ``torch.Generator`` for sampling (None: the default one of the device).
+            output_logits: also return ``logits``, the ``(R, L, V)`` mixed next-token logits of talk
+                step 0. Vocabulary-sized: for evaluation, not training.
+            output_hidden_states: also return ``base_hidden`` and ``mixed_hidden`` (talk step 0).
 
         In eval mode the authors' overrides apply: ``eval_n_talk_tokens``, ``eval_n_rationales``
         and ``eval_thought_temperature`` (0 = greedy thoughts).
@@ -416,7 +458,8 @@ class QuietStarForCausalLM(nn.Module):
         # Talk steps: <end>, then the true tokens x_{j+1} .. x_{j+K-1}; step s predicts x_{j+1+s}.
         step_input = self._meta_input(self.end_embedding, R, L)
         first_talk = n_think + 2
-        talk_nll, deltas, weights = [], [], []
+        talk_nll, deltas, weights, talk_lp = [], [], [], []
+        mixed0 = None
         n_reward = L - n_talk - 1
         for s in range(n_talk):
             h = self._run_step(step_input, positions, keep, cache, first_talk + s)  # (R, L, H)
@@ -427,6 +470,9 @@ class QuietStarForCausalLM(nn.Module):
             tgt, valid = targets(1 + s)
             ce = -mixed_token_logprobs(hb.reshape(-1, H), h.reshape(-1, H), w.reshape(-1), W, tgt.reshape(-1))
             ce = ce.view(R, L)
+            if s == 0 and (output_logits or output_hidden_states):
+                mixed0 = mix_hidden(hb.detach(), h.detach(), w.detach())  # (R, L, H) float32
+            talk_lp.append(-ce.detach())
             talk_nll.append(self._nll(ce, valid))
             deltas.append(ce_base.detach()[:, s : s + n_reward] - ce.detach()[:, :n_reward])
             weights.append(w.detach().view(R, L))
@@ -470,6 +516,11 @@ class QuietStarForCausalLM(nn.Module):
             mixing_weights=torch.stack(weights),
             thought_tokens=torch.stack(tokens),
             thought_logprobs=thought_logprobs,
+            base_logprobs=-ce_base.detach(),
+            talk_logprobs=torch.stack(talk_lp),
+            logits=mixed_logits(mixed0, W.detach()) if output_logits else None,
+            base_hidden=h0.detach() if output_hidden_states else None,
+            mixed_hidden=mixed0 if output_hidden_states else None,
         )
 
     # ----------------------------------------------------------------------------- save / load
