@@ -523,6 +523,12 @@ class QuietStarForCausalLM(nn.Module):
             mixed_hidden=mixed0 if output_hidden_states else None,
         )
 
+    def generate(self, input_ids, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Generate with a thought before every token: :func:`qstar.generate` with this model."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ----------------------------------------------------------------------------- save / load
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ thought token attends to the text up to ``j`` and to its own thought, exactly as
 rollout (causal over the text plus one diagonal per step), so the logits equal those of the eval-mode
 training forward for the same text and the same thought (``tests/test_generate.py``).
 
-Public entry points: :func:`generate` (also ``QuietStarForCausalLM.generate``) and :func:`stream`
-(an iterator of :class:`GenerationStep`).
+Public entry points: :func:`generate` (``qstar.generate``, also ``QuietStarForCausalLM.generate``)
+and :func:`stream` (``qstar.stream``, an iterator of :class:`GenerationStep`).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class _Streamer:
             if batch != 1:
                 raise ValueError(
                     f"an HF streamer (put/end) streams one sequence; got {batch} prompts. Pass a "
-                    "callable streamer, or iterate qstar.generate.stream(...)"
+                    "callable streamer, or iterate qstar.stream(...)"
                 )
             self.hf = streamer
         elif callable(streamer):
@@ -236,7 +236,6 @@ class _Streamer:
             )
 
 
-@torch.no_grad()
 def stream(
     model: QuietStarForCausalLM,
     input_ids,
@@ -259,7 +258,7 @@ def stream(
     Same arguments as :func:`generate` (without the output options). Stops when every row has
     finished or after ``max_new_tokens``.
     """
-    yield from _steps(
+    steps = _steps(
         model,
         input_ids,
         attention_mask,
@@ -276,6 +275,7 @@ def stream(
         tokenizer=tokenizer,
         state={},
     )
+    return steps
 
 
 def _steps(
@@ -295,7 +295,9 @@ def _steps(
     generator,
     tokenizer,
     state: dict,
-):
+    decode_steps: bool = True,
+) -> Iterator[GenerationStep]:
+    """Check every argument and the prompt now, then return the generator of steps."""
     if not isinstance(model, QuietStarForCausalLM):
         raise TypeError(f"model must be a QuietStarForCausalLM, got {type(model).__name__}")
     cfg = model.config
@@ -318,6 +320,7 @@ def _steps(
     stop_strings = list(stop_strings or [])
     if any(not isinstance(s, str) or not s for s in stop_strings):
         raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+    decode_steps = decode_steps and tokenizer is not None
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (the model has none): pass tokenizer=")
     if eos_token_id == -1:  # the default: the tokenizer's / base config's EOS
@@ -333,6 +336,8 @@ def _steps(
     ids, keep = _prepare_prompt(model, input_ids, attention_mask, tokenizer)
     B, P = ids.shape
     device = ids.device
+    state["prompt"] = ids
+    state["prompt_length"] = P
     decoder = model._decoder()
     dec_cfg = getattr(decoder, "config", model.base_model.config)
     branch = n + 2 if think else 0
@@ -343,142 +348,147 @@ def _steps(
             f"model's sliding_window {window}: generation measures the window over the text and thought "
             "alike, training over the text only, so they would differ. Shorten the prompt or max_new_tokens"
         )
-    cache = ThoughtBranchCache(dec_cfg, capacity=P + max_new_tokens + branch)
-    W = model._weight()
-    embed = model.base_model.get_input_embeddings()
-    scale = cfg.meta_embedding_scale
-    start_vec = (model.start_embedding[0] * scale).view(1, 1, -1)
-    end_vec = (model.end_embedding[0] * scale).view(1, 1, -1)
-    banned = [model.start_id, model.end_id]
-    positions = (keep.long().cumsum(1) - 1).clamp_min(0)  # (B, P)
-    text_keep = keep  # (B, text length) grows by one column per token
 
-    def run(embeds: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One decoder call on ``embeds`` (B, k, H) at position ids ``pos`` (B, k)."""
-        k = embeds.shape[1]
-        extra = cache.get_seq_length() - cache.text_length + k  # thought keys in the cache + new
-        mask = torch.cat([text_keep, torch.ones(B, extra, dtype=torch.bool, device=device)], dim=1)
-        out = decoder(
-            inputs_embeds=embeds,
-            attention_mask=mask.long(),
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state
+    @torch.no_grad()  # on a generator function: grad mode is switched around each step only
+    def run_steps():
+        cache = ThoughtBranchCache(dec_cfg, capacity=P + max_new_tokens + branch)
+        W = model._weight()
+        embed = model.base_model.get_input_embeddings()
+        scale = cfg.meta_embedding_scale
+        start_vec = (model.start_embedding[0] * scale).view(1, 1, -1)
+        end_vec = (model.end_embedding[0] * scale).view(1, 1, -1)
+        banned = [model.start_id, model.end_id]
+        positions = (keep.long().cumsum(1) - 1).clamp_min(0)  # (B, P)
+        text_keep = keep  # (B, text length) grows by one column per token
 
-    def decode(tokens: list[int]) -> str:
-        return tokenizer.decode(tokens, skip_special_tokens=True)
+        def run(embeds: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            """One decoder call on ``embeds`` (B, k, H) at position ids ``pos`` (B, k)."""
+            k = embeds.shape[1]
+            extra = cache.get_seq_length() - cache.text_length + k  # thought keys in the cache + new
+            mask = torch.cat([text_keep, torch.ones(B, extra, dtype=torch.bool, device=device)], dim=1)
+            out = decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask.long(),
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            return out.last_hidden_state
 
-    generated: list[list[int]] = [[] for _ in range(B)]
-    texts = [""] * B
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    reasons: list[str | None] = [None] * B
-    state["prompt"] = ids
-    state["prompt_length"] = P
+        def decode(tokens: list[int]) -> str:
+            return tokenizer.decode(tokens, skip_special_tokens=True)
 
-    # Prefill: the prompt, and <start> at the last position when thinking.
-    text_embeds = embed(ids)
-    last_pos = positions[:, -1:]  # (B, 1) position id of the newest text token
-    if think:
-        h = run(
-            torch.cat([text_embeds, start_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1),
-            torch.cat([positions, last_pos + 1], 1),
-        )
-        cache.commit_text(P)
-        h_base, h_think = h[:, P - 1], h[:, P]
-    else:
-        h = run(text_embeds, positions)
-        cache.commit_text(P)
-        h_base, h_think = h[:, P - 1], None
+        generated: list[list[int]] = [[] for _ in range(B)]
+        texts = [""] * B
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        reasons: list[str | None] = [None] * B
 
-    for index in range(max_new_tokens):
-        thought = None
-        w = None
-        if think:
-            toks = []
-            for a in range(1, n + 1):
-                t, _ = sample_thought_tokens(
-                    h_think, W, banned_ids=banned, temperature=t_think, generator=generator
-                )
-                toks.append(t)
-                if a < n:
-                    h_think = run(model._embed(t[:, None]), last_pos + a + 1)[:, 0]
-            thought = torch.stack(toks, 1)  # (B, n)
-            h_end = run(
-                torch.cat(
-                    [model._embed(toks[-1][:, None]), end_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1
-                ),
-                torch.cat([last_pos + n + 1, last_pos + n + 2], 1),
-            )[:, 1]
-            w = model.mixing_head(torch.cat([h_base, h_end], dim=-1))  # (B, 1)
-            logits = mixed_logits(mix_hidden(h_base, h_end, w), W)  # (B, V)
-            cache.drop_branch()
-        else:
-            logits = mixed_logits(h_base, W)  # the base model's own logits
-        x = _sample_text(logits, banned, temperature, top_k, top_p, generator)
-        x = torch.where(finished, torch.full_like(x, model.pad_token_id), x)
-        newly = torch.zeros(B, dtype=torch.bool, device=device)
-        new_texts: list[str] | None = [""] * B if tokenizer is not None else None
-        for b in range(B):
-            if bool(finished[b]):
-                continue
-            tok = int(x[b])
-            generated[b].append(tok)
-            if tokenizer is not None:
-                full = decode(generated[b])
-                hit = None
-                for s in stop_strings:
-                    # Only a match that the new token completed (earlier text was checked before).
-                    pos_s = full.find(s, max(0, len(texts[b]) - len(s) + 1))
-                    if pos_s >= 0 and (hit is None or pos_s < hit[0]):
-                        hit = (pos_s, s)
-                if hit is not None:
-                    full = full[: hit[0] + len(hit[1])]
-                    reasons[b] = "stop"
-                new_texts[b] = full[len(texts[b]) :] if full.startswith(texts[b]) else full
-                texts[b] = full
-            if reasons[b] is None and tok in eos_ids:
-                reasons[b] = "eos"
-            if reasons[b] is not None:
-                newly[b] = True
-        finished = finished | newly
-        if index + 1 == max_new_tokens:
-            for b in range(B):
-                if reasons[b] is None:
-                    reasons[b] = "length"
-            finished = torch.ones_like(finished)
-        thought_texts = None
-        if think and tokenizer is not None:
-            thought_texts = [decode(thought[b].tolist()) for b in range(B)]
-        yield GenerationStep(
-            index=index,
-            tokens=x,
-            texts=new_texts,
-            thoughts=thought,
-            thought_texts=thought_texts,
-            mixing_weights=None if w is None else w.view(B).float(),
-            logits=logits,
-            finished=finished.clone(),
-            finish_reasons=list(reasons),
-        )
-        if bool(finished.all()):
-            break
-        # The new text token enters the cache; with thinking, <start> opens its thought in the same call.
-        text_keep = torch.cat([text_keep, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-        last_pos = last_pos + 1
+        # Prefill: the prompt, and <start> at the last position when thinking.
+        text_embeds = embed(ids)
+        last_pos = positions[:, -1:]  # (B, 1) position id of the newest text token
         if think:
             h = run(
-                torch.cat([embed(x[:, None]), start_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1),
-                torch.cat([last_pos, last_pos + 1], 1),
+                torch.cat([text_embeds, start_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1),
+                torch.cat([positions, last_pos + 1], 1),
             )
-            h_base, h_think = h[:, 0], h[:, 1]
+            cache.commit_text(P)
+            h_base, h_think = h[:, P - 1], h[:, P]
         else:
-            h_base = run(embed(x[:, None]), last_pos)[:, 0]
-        cache.commit_text(1)
-    state["texts"] = texts
-    state["reasons"] = reasons
-    state["generated"] = generated
+            h = run(text_embeds, positions)
+            cache.commit_text(P)
+            h_base, h_think = h[:, P - 1], None
+
+        for index in range(max_new_tokens):
+            thought = None
+            w = None
+            if think:
+                toks = []
+                for a in range(1, n + 1):
+                    t, _ = sample_thought_tokens(
+                        h_think, W, banned_ids=banned, temperature=t_think, generator=generator
+                    )
+                    toks.append(t)
+                    if a < n:
+                        h_think = run(model._embed(t[:, None]), last_pos + a + 1)[:, 0]
+                thought = torch.stack(toks, 1)  # (B, n)
+                h_end = run(
+                    torch.cat(
+                        [model._embed(toks[-1][:, None]), end_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1
+                    ),
+                    torch.cat([last_pos + n + 1, last_pos + n + 2], 1),
+                )[:, 1]
+                w = model.mixing_head(torch.cat([h_base, h_end], dim=-1))  # (B, 1)
+                logits = mixed_logits(mix_hidden(h_base, h_end, w), W)  # (B, V)
+                cache.drop_branch()
+            else:
+                logits = mixed_logits(h_base, W)  # the base model's own logits
+            x = _sample_text(logits, banned, temperature, top_k, top_p, generator)
+            x = torch.where(finished, torch.full_like(x, model.pad_token_id), x)
+            newly = torch.zeros(B, dtype=torch.bool, device=device)
+            new_texts: list[str] | None = [""] * B if decode_steps else None
+            for b in range(B):
+                if bool(finished[b]):
+                    continue
+                tok = int(x[b])
+                generated[b].append(tok)
+                if decode_steps:
+                    full = decode(generated[b])
+                    hit = None
+                    for s in stop_strings:
+                        # Only a match that the new token completed (earlier text was checked before).
+                        pos_s = full.find(s, max(0, len(texts[b]) - len(s) + 1))
+                        if pos_s >= 0 and (hit is None or pos_s < hit[0]):
+                            hit = (pos_s, s)
+                    if hit is not None:
+                        full = full[: hit[0] + len(hit[1])]
+                        reasons[b] = "stop"
+                    new_texts[b] = full[len(texts[b]) :] if full.startswith(texts[b]) else full
+                    texts[b] = full
+                if reasons[b] is None and tok in eos_ids:
+                    reasons[b] = "eos"
+                if reasons[b] is not None:
+                    newly[b] = True
+            finished = finished | newly
+            if index + 1 == max_new_tokens:
+                for b in range(B):
+                    if reasons[b] is None:
+                        reasons[b] = "length"
+                finished = torch.ones_like(finished)
+            thought_texts = None
+            if think and decode_steps:
+                thought_texts = [decode(thought[b].tolist()) for b in range(B)]
+            yield GenerationStep(
+                index=index,
+                tokens=x,
+                texts=new_texts,
+                thoughts=thought,
+                thought_texts=thought_texts,
+                mixing_weights=None if w is None else w.view(B).float(),
+                logits=logits,
+                finished=finished.clone(),
+                finish_reasons=list(reasons),
+            )
+            if bool(finished.all()):
+                break
+            # The new text token enters the cache; with thinking, <start> opens its thought in the same call.
+            text_keep = torch.cat([text_keep, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+            last_pos = last_pos + 1
+            if think:
+                h = run(
+                    torch.cat([embed(x[:, None]), start_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1),
+                    torch.cat([last_pos, last_pos + 1], 1),
+                )
+                h_base, h_think = h[:, 0], h[:, 1]
+            else:
+                h_base = run(embed(x[:, None]), last_pos)[:, 0]
+            cache.commit_text(1)
+        if tokenizer is not None and not decode_steps:
+            texts = [decode(g) for g in generated]
+        state["texts"] = texts
+        state["reasons"] = reasons
+        state["generated"] = generated
+
+    return run_steps()
 
 
 def generate(
@@ -528,6 +538,8 @@ def generate(
 
     The meta tokens are never sampled, neither in a thought nor as text.
     """
+    if not isinstance(model, QuietStarForCausalLM):
+        raise TypeError(f"model must be a QuietStarForCausalLM, got {type(model).__name__}")
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     state: dict = {}
     steps = _steps(
@@ -546,39 +558,35 @@ def generate(
         generator=generator,
         tokenizer=tokenizer,
         state=state,
+        # Per-step decoding only where someone reads it (a callback) or stop strings need it.
+        decode_steps=bool(stop_strings) or (callable(streamer) and not hasattr(streamer, "put")),
     )
-    # Validate eagerly (the first next() runs the checks and the prefill), then adapt the streamer.
+    sink = _Streamer(streamer, state["prompt"].shape[0])
+    if sink.hf is not None:
+        sink.hf.put(state["prompt"].cpu())
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_new_tokens, desc="generate", unit="tok")
     tokens, thoughts, weights, logits_all = [], [], [], []
-    sink = None
-    first = True
-    with torch.no_grad():
-        for step in steps:
-            if first:
-                sink = _Streamer(streamer, step.tokens.shape[0])
-                if sink.hf is not None:
-                    sink.hf.put(state["prompt"].cpu())
-                first = False
-            tokens.append(step.tokens)
-            if return_thoughts and step.thoughts is not None:
-                thoughts.append(step.thoughts)
-            if step.mixing_weights is not None:
-                weights.append(step.mixing_weights)
-            if output_logits:
-                logits_all.append(step.logits)
-            if sink.callback is not None:
-                sink.callback(step)
-            elif sink.hf is not None:
-                sink.hf.put(step.tokens.cpu())
-            if bar is not None:
-                bar.update(1)
+    for step in steps:
+        tokens.append(step.tokens)
+        if return_thoughts and step.thoughts is not None:
+            thoughts.append(step.thoughts)
+        if step.mixing_weights is not None:
+            weights.append(step.mixing_weights)
+        if output_logits:
+            logits_all.append(step.logits)
+        if sink.callback is not None:
+            sink.callback(step)
+        elif sink.hf is not None:
+            sink.hf.put(step.tokens.cpu())
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
-    if sink is not None and sink.hf is not None:
+    if sink.hf is not None:
         sink.hf.end()
     new = torch.stack(tokens, 1)  # (B, T)
     generated = state["generated"]
