@@ -321,3 +321,10 @@ def test_stream_checks_its_arguments_before_the_first_step():
     assert torch.is_grad_enabled()  # a suspended stream does not leave grad mode off for the caller
     next(it)
     assert torch.is_grad_enabled()
+
+
+def test_bf16_model_generates_finite_float32_logits():
+    model = make_model(3, dtype=torch.bfloat16)
+    out = model.generate(["Q: 1+2=", "ab"], max_new_tokens=4, return_thoughts=True, output_logits=True)
+    assert out.logits.dtype == torch.float32 and bool(torch.isfinite(out.logits).all())
+    assert out.mixing_weights.dtype == torch.float32 and bool(torch.isfinite(out.mixing_weights).all())

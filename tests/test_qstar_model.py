@@ -72,6 +72,38 @@ def test_output_shapes_and_loss_composition():
     assert bool((out.thought_logprobs <= 0).all())
 
 
+def test_per_token_outputs_logits_and_hidden_states_agree():
+    """base_logprobs / talk_logprobs are the per-token terms of the NLLs; the optional logits and
+    hidden states give the same log-probabilities (the logits are the mix of the hidden states)."""
+    cfg = QuietStarConfig(**CFG, nll_normalization="tokens")
+    model = tiny_quietstar(cfg).eval()
+    B, L = 2, 13
+    ids, mask = text_batch(B, L, pad_last=3)
+    with torch.no_grad():
+        out = model(ids, mask, output_logits=True, output_hidden_states=True)
+        plain = model(ids, mask)
+    assert plain.logits is None and plain.base_hidden is None and plain.mixed_hidden is None
+    V, H = model.vocab_size, model.hidden_size
+    assert out.logits.shape == (B, L, V) and out.logits.dtype == torch.float32
+    assert out.base_hidden.shape == out.mixed_hidden.shape == (B, L, H)
+    assert out.base_logprobs.shape == (B, L) and out.talk_logprobs.shape == (1, B, L)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    valid[:, :-1] = mask[:, 1:].bool()
+    assert bool((out.base_logprobs[~valid] == 0).all()) and bool((out.talk_logprobs[0][~valid] == 0).all())
+    torch.testing.assert_close(-out.base_logprobs.sum() / valid.sum(), out.base_nll)
+    torch.testing.assert_close(-out.talk_logprobs[0].sum() / valid.sum(), out.talk_nll[0])
+    tgt = torch.zeros(B, L, dtype=torch.long)
+    tgt[:, :-1] = ids[:, 1:]
+    from_logits = torch.log_softmax(out.logits, -1).gather(-1, tgt[..., None])[..., 0]
+    torch.testing.assert_close(from_logits[valid], out.talk_logprobs[0][valid], rtol=1e-5, atol=1e-5)
+    W = model.base_model.get_output_embeddings().weight
+    base_lp = torch.log_softmax(out.base_hidden @ W.T, -1).gather(-1, tgt[..., None])[..., 0]
+    torch.testing.assert_close(base_lp[valid], out.base_logprobs[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.mixed_hidden @ W.T, out.logits, rtol=1e-5, atol=1e-5)
+    # the mix is not the base: the non-zero head moves the logits
+    assert float((out.logits - out.base_hidden @ W.T).abs().max()) > 1e-3
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = tiny_quietstar(QuietStarConfig(**CFG)).train()
     ids, mask = text_batch(2, 12)
