@@ -510,9 +510,11 @@ def score_answer(
 
 @dataclass
 class DirectExample:
-    """One prompt's scores. ``tokens``: per scored token, its position, id, text and both probabilities."""
+    """One prompt's scores. ``answer``: the text after its last marker; ``tokens``: per scored
+    token, its position, id, text and both probabilities."""
 
     index: int
+    answer: str
     n_tokens: int
     truncated: bool
     numeric: bool
@@ -629,6 +631,7 @@ def evaluate_direct(
                 examples.append(
                     DirectExample(
                         index=k,
+                        answer=decode(row[loc.marker_index + 1 :]),
                         n_tokens=len(row),
                         truncated=truncated[k],
                         numeric=loc.numeric,
@@ -641,9 +644,9 @@ def evaluate_direct(
                                 "id": a.token_id,
                                 "text": tok.decode([a.token_id]),
                                 "p_without": a.probability,
-                                "p_with": c_.probability,
+                                "p_with": b_.probability,
                             }
-                            for a, c_ in zip(sw.tokens, st.tokens)
+                            for a, b_ in zip(sw.tokens, st.tokens)
                         ],
                     )
                 )

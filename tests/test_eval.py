@@ -279,6 +279,7 @@ def test_direct_fast_path_equals_brute_force(thought_temperature):
     assert res.without_thoughts == pytest.approx(sum(want_without) / 5, rel=2e-4)
     assert got_with != pytest.approx(got_without, rel=1e-3)  # the mixing head is not zero
     assert [e.numeric for e in res.examples] == [True, False, True, False, False]
+    assert [e.answer for e in res.examples] == [" 12\n", " -7\n", " 1,050\n", " D\n", " A\n"]
 
 
 # --------------------------------------------------------------------------------------------------
