@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
 .PHONY: help install install-torch test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
-	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress demo clean
+	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress demo eval-tiny clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -26,6 +26,7 @@ help:
 	@echo "bench-lm-head-full  the same over the whole grid"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "demo          train the tiny Mistral on the shipped arithmetic corpus (CPU, minutes): runs/tiny-demo/"
+	@echo "eval-tiny     the evaluation harness on the shipped fixtures with the random tiny model: runs/eval-tiny/"
 	@echo "clean         remove build products"
 
 install-torch:
@@ -92,6 +93,12 @@ bench-regress:
 
 demo:
 	$(PY) -m qstar.train --preset tiny-demo
+
+eval-tiny:
+	$(PY) -m qstar.eval --model tiny --tasks gsm8k,csqa,gsm8k-cot,perplexity \
+		--gsm8k tests/fixtures/gsm8k_test.jsonl --csqa tests/fixtures/csqa_validation.jsonl \
+		--text tests/fixtures/text.txt --cot-votes 2 --cot-max-new-tokens 16 --cpu-threads 1 \
+		--output-dir runs/eval-tiny
 
 clean:
 	rm -rf build dist *.egg-info qstar_kernels/*.so .pytest_cache .hypothesis .benchmarks
