@@ -328,3 +328,37 @@ def test_bf16_model_generates_finite_float32_logits():
     out = model.generate(["Q: 1+2=", "ab"], max_new_tokens=4, return_thoughts=True, output_logits=True)
     assert out.logits.dtype == torch.float32 and bool(torch.isfinite(out.logits).all())
     assert out.mixing_weights.dtype == torch.float32 and bool(torch.isfinite(out.mixing_weights).all())
+
+
+def test_generate_cli_writes_texts_and_thoughts(tmp_path, capsys):
+    import json
+
+    from qstar.generate_cli import main
+
+    out = tmp_path / "g.json"
+    records = main(
+        [
+            "--model",
+            "tiny",
+            "--prompt",
+            "Q: 1+2=",
+            "--prompt",
+            "ab",
+            "--max-new-tokens",
+            "3",
+            "--compare",
+            "--show-thoughts",
+            "--json",
+            str(out),
+        ]  # fmt: skip
+    )
+    assert [(r["prompt"], r["think"]) for r in records] == [
+        ("Q: 1+2=", True), ("ab", True), ("Q: 1+2=", False), ("ab", False)
+    ]  # fmt: skip
+    assert json.loads(out.read_text()) == records
+    assert all(len(r["tokens"]) == 3 for r in records)
+    assert len(records[0]["thoughts"]) == len(records[0]["mixing_weights"]) == 3
+    printed = capsys.readouterr().out
+    assert "[with thoughts] 'Q: 1+2='" in printed and "thought:" in printed
+    with pytest.raises(SystemExit, match="--prompt"):
+        main(["--model", "tiny"])
