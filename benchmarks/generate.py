@@ -14,10 +14,11 @@ authors' ``zero-shotcot-eval.py``, the meta tokens never emitted, EOS never stop
                      ``multinomial(softmax(z / 0.9))``, append, repeat. The forward is
                      ``tests/quietstar_plain.py`` (dense additive masks grown every pass, one-hot
                      ``(N, V) @ E`` inputs for sampled tokens, full-vocabulary logits at every pass,
-                     hard Gumbel-softmax sampling) with the authors' eval settings: ``n_ahead = 12``
-                     (9 sampled thought tokens), ``n_ahead_talk = 1``, ``n_passes = 1``, so 12
-                     transformer passes over the sequence per new token. See "What the authors'
-                     label-less forward does" below.
+                     hard Gumbel-softmax sampling) with the authors' eval overrides
+                     ``n_ahead_talk = 1``, ``n_passes = 1`` and ``n_ahead = 12`` (the training
+                     script's: 9 sampled thought tokens; their eval script passes 8 for the released
+                     8-ahead checkpoint), so 12 transformer passes over the sequence per new token.
+                     See "What the authors' label-less forward does" below.
   recompute-fused    the same loop with our fused ``QuietStarForCausalLM.forward(ids,
                      output_logits=True)`` in eval mode: the gain of the kernels alone, the
                      algorithm unchanged (still a thought at every position, every token).
