@@ -4,7 +4,8 @@ PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
 .PHONY: help install install-torch test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
-	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-regress demo eval-tiny clean
+	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-generate bench-generate-quick \
+	bench-regress demo eval-tiny clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -24,6 +25,8 @@ help:
 	@echo "bench-hf-full the same over L 128/256/512 x steps 4/8/12/16"
 	@echo "bench-lm-head the fused mixing/sampling ops vs materialised logits (benchmarks/mixing_ce.py)"
 	@echo "bench-lm-head-full  the same over the whole grid"
+	@echo "bench-generate  generation with thoughts vs the authors' recompute loop and the base model, 64/256 tokens (CPU, minutes)"
+	@echo "bench-generate-quick  the same at 8/16 new tokens: a smoke run"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "demo          train the tiny Mistral on the shipped arithmetic corpus (CPU, minutes): runs/tiny-demo/"
 	@echo "eval-tiny     the evaluation harness on the shipped fixtures with the random tiny model: runs/eval-tiny/"
@@ -87,6 +90,12 @@ bench-lm-head:
 
 bench-lm-head-full:
 	$(PY) benchmarks/mixing_ce.py --full
+
+bench-generate:
+	$(PY) benchmarks/generate.py --check
+
+bench-generate-quick:
+	$(PY) benchmarks/generate.py --quick
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only

@@ -32,6 +32,9 @@ Interpretation choices where the note leaves room (each is repeated at the line 
 9. intermediate_losses=True computes, at steps 1..T-2, the mixed logits (base hidden unshifted, as the
    authors' shift_idx = 1 there) and their CE, and throws them away (returned under
    "intermediate_ce" for inspection only); the returned loss is unchanged.
+10. output_logits=True also returns "logits", the (R, L, V) mixed logits of talk step 0 (the
+   `<end>` step), already computed for its CE: what the authors' eval-mode forward (K = 1) returns as
+   `logits`. Nothing else changes.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def plain_quietstar_forward(
     thought_tokens: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     intermediate_losses: bool = False,
+    output_logits: bool = False,
 ) -> dict:
     T, K, P = n_ahead, n_ahead_talk, n_passes
     if T < 4:
@@ -210,6 +214,7 @@ def plain_quietstar_forward(
     deltas = []
     mixing_weights = []
     intermediate_ce = []
+    talk0_logits = None
 
     for a in range(1, T + K - 1):  # steps 1 .. T+K-2: S - 1 = T + K - 2 more passes
         mask = extend_mask(mask, L)
@@ -245,6 +250,8 @@ def plain_quietstar_forward(
             hb = torch.roll(h_base, shifts=-s, dims=1)
             h_mix, w = mix(mixing_head, hb, h)
             z = lm.lm_head(h_mix)
+            if s == 0 and output_logits:
+                talk0_logits = z.detach()  # choice 10
             ce = token_ce(z[:, : L - 1 - s], labels[:, 1 + s :], pad_token_id)  # (R, L-1-s)
             ce_base_shift = token_ce(base_logits.detach()[:, s : L - 1], labels[:, 1 + s :], pad_token_id)
             talk_ce.append(ce)
@@ -286,4 +293,6 @@ def plain_quietstar_forward(
     )
     if intermediate_losses:
         out["intermediate_ce"] = intermediate_ce
+    if output_logits:
+        out["logits"] = talk0_logits
     return out
