@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from qstar_kernels import sample_thought_tokens
 
@@ -353,7 +354,14 @@ def _steps(
     def run_steps():
         cache = ThoughtBranchCache(dec_cfg, capacity=P + max_new_tokens + branch)
         W = model._weight()
-        embed = model.base_model.get_input_embeddings()
+        embed = model.base_model.get_input_embeddings()  # text tokens, as the rollout's step 0
+        E = embed.weight
+
+        def embed_thought(t: torch.Tensor) -> torch.Tensor:
+            """Thought-token inputs: the rollout's ``E[t]`` (a gather: the one-hot product of the
+            ``paper`` preset gives the same values, at V times the cost)."""
+            return F.embedding(t[:, None], E)
+
         scale = cfg.meta_embedding_scale
         start_vec = (model.start_embedding[0] * scale).view(1, 1, -1)
         end_vec = (model.end_embedding[0] * scale).view(1, 1, -1)
@@ -409,12 +417,10 @@ def _steps(
                     )
                     toks.append(t)
                     if a < n:
-                        h_think = run(model._embed(t[:, None]), last_pos + a + 1)[:, 0]
+                        h_think = run(embed_thought(t), last_pos + a + 1)[:, 0]
                 thought = torch.stack(toks, 1)  # (B, n)
                 h_end = run(
-                    torch.cat(
-                        [model._embed(toks[-1][:, None]), end_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1
-                    ),
+                    torch.cat([embed_thought(toks[-1]), end_vec.expand(B, 1, -1).to(text_embeds.dtype)], 1),
                     torch.cat([last_pos + n + 1, last_pos + n + 2], 1),
                 )[:, 1]
                 w = model.mixing_head(torch.cat([h_base, h_end], dim=-1))  # (B, 1)

@@ -20,7 +20,7 @@ from qstar.generation import _filter_logits
 from qstar.tiny import tiny_tokenizer
 
 
-def make_model(n_thought=3, *, dtype=torch.float64, seed=0, layers=2, sliding_window=None):
+def make_model(n_thought=3, *, dtype=torch.float64, seed=0, layers=2, sliding_window=None, lookup="gather"):
     tok = tiny_tokenizer()
     base = tiny_mistral(len(tok), seed=seed, layers=layers, dtype=dtype)
     base.config.sliding_window = sliding_window
@@ -54,9 +54,9 @@ def forward_logits_for(model, out, b: int):
     return fo.logits[0, first : first + n_new], out.logits[b, :n_new]
 
 
-@pytest.mark.parametrize("n_thought", [1, 3])
-def test_generation_logits_equal_the_training_forward_float64(n_thought):
-    model = make_model(n_thought)
+@pytest.mark.parametrize("n_thought, lookup", [(1, "gather"), (3, "gather"), (3, "one_hot")])
+def test_generation_logits_equal_the_training_forward_float64(n_thought, lookup):
+    model = make_model(n_thought, lookup=lookup)
     prompts = ["Q: 12+30=", "7*8=", "hello there, "]  # different lengths: left padding in the batch
     out = model.generate(
         prompts,
