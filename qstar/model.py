@@ -659,8 +659,21 @@ class QuietStarForCausalLM(nn.Module):
         start_id, end_id = vocab - 2, vocab - 1
         if tokenizer is not None:
             ids = tokenizer.convert_tokens_to_ids([inferred.start_token, inferred.end_token])
-            if None not in ids:
-                start_id, end_id = ids
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if any(i is None or i == unk for i in ids) and len(tokenizer) == vocab - 2:
+                # A base tokenizer without the meta tokens (e.g. Mistral's own): add them; they
+                # become the last two ids, which is where the checkpoint keeps them.
+                tokenizer.add_special_tokens(
+                    {"additional_special_tokens": [inferred.start_token, inferred.end_token]}
+                )
+                ids = tokenizer.convert_tokens_to_ids([inferred.start_token, inferred.end_token])
+            if any(i is None or i == unk for i in ids):
+                raise ValueError(
+                    f"{directory}: the tokenizer has no {inferred.start_token!r} / {inferred.end_token!r} "
+                    f"tokens and {len(tokenizer)} tokens for a vocabulary of {vocab}: pass the tokenizer "
+                    "the checkpoint was trained with"
+                )
+            start_id, end_id = ids
         pad = getattr(hf_config, "pad_token_id", None)
         if tokenizer is not None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

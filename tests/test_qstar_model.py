@@ -296,6 +296,11 @@ def test_from_authors_checkpoint_keeps_the_trained_meta_embeddings(tmp_path):
     # without a config, the thought length comes from the authors' n_ahead (6 -> 3 sampled tokens)
     inferred = QuietStarForCausalLM.from_authors_checkpoint(tmp_path / "authors")
     assert inferred.config.n_thought_tokens == 3
+    # the base model's tokenizer (no meta tokens): they are added, as the last two ids
+    plain_tok = char_tokenizer()
+    with_base_tok = QuietStarForCausalLM.from_authors_checkpoint(tmp_path / "authors", tokenizer=plain_tok)
+    assert (with_base_tok.start_id, with_base_tok.end_id) == (model.start_id, model.end_id)
+    assert plain_tok.convert_ids_to_tokens([model.start_id]) == ["<|startthought|>"]
     with pytest.raises(ValueError, match="not the authors' Quiet-STaR layout"):
         model.base_model.save_pretrained(tmp_path / "plain")
         QuietStarForCausalLM.from_authors_checkpoint(tmp_path / "plain")
