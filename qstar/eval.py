@@ -542,6 +542,29 @@ def _require_tokenizer(model: QuietStarForCausalLM):
     return model.tokenizer
 
 
+def _eval_forward(model: QuietStarForCausalLM, rows: list[list[int]], generator, **kwargs):
+    """One eval-mode forward on right-padded ``rows``; the outputs' row ``b`` is example ``b``.
+
+    The eval forward runs ``eval_n_rationales`` copies of each sequence (rows ``b * P .. b * P +
+    P - 1``); the first copy of each is kept (the authors evaluate with one rationale, ``P = 1``).
+    Rows are padded to at least ``eval_n_talk_tokens + 2`` (the forward's shortest text).
+    """
+    cfg = model.config
+    ids, mask = _right_pad(rows, model.pad_token_id, min_length=max(3, cfg.eval_n_talk_tokens + 2))
+    device = model._weight().device
+    out = model(ids.to(device), mask.to(device), generator=generator, **kwargs)
+    P = cfg.eval_n_rationales
+    if P == 1:
+        return out
+    first = torch.arange(len(rows), device=device) * P
+    for name in ("base_hidden", "mixed_hidden", "base_logprobs"):
+        if getattr(out, name) is not None:
+            setattr(out, name, getattr(out, name)[first])
+    out.talk_logprobs = out.talk_logprobs[:, first]
+    out.mixing_weights = out.mixing_weights[:, first]
+    return out
+
+
 def _right_pad(rows: list[list[int]], pad: int, min_length: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(min_length, max(len(r) for r in rows))
     ids = torch.full((len(rows), L), pad, dtype=torch.int64)
@@ -609,7 +632,6 @@ def evaluate_direct(
     was_training = model.training
     model.eval()
     W_allowed = model._weight()[torch.tensor(union, device=model._weight().device)]  # (U, H)
-    device = W_allowed.device
     examples: list[DirectExample] = []
     t0 = time.perf_counter()
     starts = list(range(0, len(encoded), batch_size))
@@ -617,8 +639,7 @@ def evaluate_direct(
     try:
         for s in starts:
             rows = encoded[s : s + batch_size]
-            ids, mask = _right_pad(rows, model.pad_token_id)
-            out = model(ids.to(device), mask.to(device), generator=generator, output_hidden_states=True)
+            out = _eval_forward(model, rows, generator, output_hidden_states=True)
             without = mixed_logits(out.base_hidden, W_allowed).cpu()  # (B, L, U)
             with_ = mixed_logits(out.mixed_hidden, W_allowed).cpu()
             for b, row in enumerate(rows):
@@ -933,7 +954,6 @@ def evaluate_perplexity(
         raise ValueError("the text has no window of at least 2 tokens")
     was_training = model.training
     model.eval()
-    device = model._weight().device
     lp_without, lp_with, weights, details = [], [], [], []
     t0 = time.perf_counter()
     starts = list(range(0, len(windows), batch_size))
@@ -941,8 +961,7 @@ def evaluate_perplexity(
     try:
         for s in starts:
             chunk = windows[s : s + batch_size]
-            ids, mask = _right_pad([w[2] for w in chunk], model.pad_token_id)
-            out = model(ids.to(device), mask.to(device), generator=generator)
+            out = _eval_forward(model, [w[2] for w in chunk], generator)
             base = out.base_logprobs.double().cpu()  # (B, L): log p(x_{j+1}), 0 past the end
             talk = out.talk_logprobs[0].double().cpu()
             w = out.mixing_weights[0].float().cpu()  # (B, L)

@@ -372,8 +372,12 @@ def _steps(
         def run(embeds: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             """One decoder call on ``embeds`` (B, k, H) at position ids ``pos`` (B, k)."""
             k = embeds.shape[1]
-            extra = cache.get_seq_length() - cache.text_length + k  # thought keys in the cache + new
+            # text_keep covers the committed text and the text tokens of this call; every other key
+            # (the thought in the cache, the thought tokens of this call) is real.
+            n_keys = cache.get_seq_length() + k
+            extra = n_keys - text_keep.shape[1]
             mask = torch.cat([text_keep, torch.ones(B, extra, dtype=torch.bool, device=device)], dim=1)
+            assert mask.shape[1] == n_keys
             out = decoder(
                 inputs_embeds=embeds,
                 attention_mask=mask.long(),
@@ -385,6 +389,17 @@ def _steps(
 
         def decode(tokens: list[int]) -> str:
             return tokenizer.decode(tokens, skip_special_tokens=True)
+
+        prompt_rows = [ids[b][keep[b]].tolist() for b in range(B)] if tokenizer is not None else []
+        prompt_texts = [decode(r) for r in prompt_rows]
+
+        def decode_new(b: int, tokens: list[int]) -> str:
+            """The text of row b's new tokens as they read after the prompt: decoded together with
+            the prompt (SentencePiece drops a leading space of a sequence's first token)."""
+            full = decode(prompt_rows[b] + tokens)
+            if full.startswith(prompt_texts[b]):
+                return full[len(prompt_texts[b]) :]
+            return decode(tokens)
 
         generated: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
@@ -438,7 +453,7 @@ def _steps(
                 tok = int(x[b])
                 generated[b].append(tok)
                 if decode_steps:
-                    full = decode(generated[b])
+                    full = decode_new(b, generated[b])
                     hit = None
                     for s in stop_strings:
                         # Only a match that the new token completed (earlier text was checked before).
@@ -489,7 +504,7 @@ def _steps(
                 h_base = run(embed(x[:, None]), last_pos)[:, 0]
             cache.commit_text(1)
         if tokenizer is not None and not decode_steps:
-            texts = [decode(g) for g in generated]
+            texts = [decode_new(b, g) for b, g in enumerate(generated)]
         state["texts"] = texts
         state["reasons"] = reasons
         state["generated"] = generated

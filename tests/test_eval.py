@@ -633,3 +633,26 @@ def test_console_script_entry_point_returns_zero(monkeypatch):
     monkeypatch.setattr(ev, "main", lambda argv: seen.append(argv) or {"tasks": {}})
     monkeypatch.setattr(sys, "argv", ["qstar-eval", "--model", "tiny"])
     assert ev.cli() == 0 and seen == [["--model", "tiny"]]
+
+
+def test_eval_settings_with_several_rationales_and_talk_tokens_score_the_same():
+    """eval_n_rationales = 2 runs two copies of every example (rows b*2, b*2+1), eval_n_talk_tokens = 4
+    needs 6 positions: with greedy thoughts the scores equal those of the authors' 1 and 1."""
+    model = tiny_model(thought_temperature=0.0)
+    prompts = [
+        ev.gsm8k_direct_prompt("What is 2+2?", "#### 4"),
+        ev.csqa_direct_prompt("Pick.", {"label": LETTERS, "text": list("abcde")}, "C"),
+        ev.gsm8k_direct_prompt("And 30+12?", "#### 42"),
+    ]
+    docs = ["12+30=42 and 7*6=42 too", "ab"]  # "ab" (+ BOS) is one window of 3 tokens
+    want = ev.evaluate_direct(model, prompts, batch_size=3)
+    want_ppl = ev.evaluate_perplexity(model, docs, max_length=8, batch_size=4)
+    model.config.eval_n_rationales, model.config.eval_n_talk_tokens = 2, 4
+    got = ev.evaluate_direct(model, prompts, batch_size=3)
+    got_ppl = ev.evaluate_perplexity(model, docs, max_length=8, batch_size=4)
+    for a, b in zip(want.examples, got.examples):
+        assert a.p_without == pytest.approx(b.p_without, rel=1e-5)
+        assert a.p_with == pytest.approx(b.p_with, rel=1e-5)
+    assert len({round(e.p_with, 6) for e in got.examples}) == 3  # three different examples, not copies
+    torch.testing.assert_close(got_ppl.nll_with, want_ppl.nll_with, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_ppl.nll_without, want_ppl.nll_without, rtol=1e-5, atol=1e-6)

@@ -362,3 +362,31 @@ def test_generate_cli_writes_texts_and_thoughts(tmp_path, capsys):
     assert "[with thoughts] 'Q: 1+2='" in printed and "thought:" in printed
     with pytest.raises(SystemExit, match="--prompt"):
         main(["--model", "tiny"])
+
+
+def test_text_keeps_the_leading_space_of_sentencepiece_tokens():
+    """The new text is decoded after the prompt: SentencePiece drops a sequence's leading space, so
+    decoding the new tokens alone would give 'Paris' for ' Paris'."""
+    import os
+
+    mistral_common = pytest.importorskip(
+        "mistral_common", reason="the Mistral tokenizer ships in mistral_common"
+    )
+    from transformers import MistralCommonBackend
+
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    tok = MistralCommonBackend(tokenizer_path=path)
+    base = tiny_mistral(32002, hidden=16, layers=1, heads=2, kv_heads=1)
+    model = QuietStarForCausalLM(
+        base, QuietStarConfig(n_thought_tokens=1), start_id=32000, end_id=32001, pad_token_id=2, tokenizer=tok
+    ).eval()
+    (paris,) = tok.encode("Paris", add_special_tokens=False)
+    with torch.no_grad():  # make "▁Paris" the likeliest token everywhere
+        base.lm_head.weight[paris] = 50 * base.model.norm.weight
+    for think in (False, True):
+        out = model.generate("The capital of France is", max_new_tokens=2, temperature=0, think=think)
+        assert out.texts[0] == " Paris Paris"
+        stopped = model.generate(
+            "The capital of France is", max_new_tokens=4, stop_strings=[" Paris"], think=think
+        )
+        assert stopped.texts[0] == " Paris" and stopped.finish_reasons[0] == "stop"
