@@ -37,13 +37,16 @@ DEMO_CORPUS = Path(__file__).resolve().parent / "demo_data" / "arithmetic.txt"
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
 
 
-def _read_txt(path: Path) -> list[str]:
+def read_text_documents(path: Path) -> list[str]:
+    """The documents of a .txt file: blocks separated by blank lines, stripped, empty ones dropped."""
     text = path.read_text(encoding="utf-8")
     return [doc.strip() for doc in _BLANK_LINES.split(text) if doc.strip()]
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+def read_jsonl_records(path: Path, arg: str = "--data") -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a .jsonl file; ``arg`` names the
+    command-line argument in the errors (a line that is not JSON, or not a JSON object)."""
+    records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -51,15 +54,25 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--data {str(path)!r} line {lineno}: not valid JSON ({err})") from err
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{arg} {str(path)!r} line {lineno}: not valid JSON ({err})") from err
+            if not isinstance(record, dict):
                 raise ValueError(
-                    f"--data {str(path)!r} line {lineno}: expected an object with a {text_field!r} "
-                    f"field (--text-field), got {keys}"
+                    f"{arg} {str(path)!r} line {lineno}: expected a JSON object, got {type(record).__name__}"
                 )
-            if str(record[text_field]).strip():
-                docs.append(str(record[text_field]))
+            records.append((lineno, record))
+    return records
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    docs = []
+    for lineno, record in read_jsonl_records(path, "--data"):
+        if text_field not in record:
+            raise ValueError(
+                f"--data {str(path)!r} line {lineno}: expected an object with a {text_field!r} "
+                f"field (--text-field), got {sorted(record)}"
+            )
+        if str(record[text_field]).strip():
+            docs.append(str(record[text_field]))
     return docs
 
 
@@ -112,7 +125,7 @@ def load_documents(sources: str | os.PathLike | list, *, text_field: str = "text
             if f.suffix == ".jsonl":
                 docs.extend(_read_jsonl(f, text_field))
             elif f.suffix == ".txt":
-                docs.extend(_read_txt(f))
+                docs.extend(read_text_documents(f))
             else:
                 raise ValueError(f"--data {str(f)!r}: expected a .txt or .jsonl file, got {f.suffix!r}")
     if not docs:

@@ -105,6 +105,7 @@ from pathlib import Path
 
 import torch
 
+from .data import read_jsonl_records, read_text_documents
 from .generation import stream
 from .model import CONFIG_NAME, QuietStarForCausalLM, mixed_logits
 
@@ -162,21 +163,7 @@ TASKS = ("gsm8k", "csqa", "gsm8k-cot", "perplexity")
 
 
 def _read_jsonl(path: Path, arg: str) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{arg} {str(path)!r} line {lineno}: not valid JSON ({err})") from err
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{arg} {str(path)!r} line {lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            records.append(record)
-    return records
+    return [record for _, record in read_jsonl_records(path, arg)]
 
 
 def _load_dataset_rows(name: str, config: str | None, split: str, arg: str) -> list[dict]:
@@ -276,13 +263,12 @@ def load_csqa(
 
 def load_texts(source: str, *, text_field: str = "text", arg: str = "--text") -> list[str]:
     """Documents of a ``.txt`` file (separated by blank lines) or a ``.jsonl`` file (``text_field``)."""
-    from .data import _read_txt
 
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(f"{arg} {source!r}: no such file")
     if path.suffix == ".txt":
-        docs = _read_txt(path)
+        docs = read_text_documents(path)
     elif path.suffix == ".jsonl":
         docs = []
         for k, r in enumerate(_read_jsonl(path, arg)):
