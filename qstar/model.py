@@ -71,9 +71,10 @@ class QuietStarOutput:
             else None. This is what the authors' eval-mode forward returns as ``logits``.
         base_hidden: ``(R, L, H)`` the step-0 final hidden states, only with
             ``output_hidden_states=True``; else None.
-        mixed_hidden: ``(R, L, H)`` float32 ``(1 - w) h_base + w h_thought`` of talk step 0, only
-            with ``output_hidden_states=True``; else None. ``mixed_logits(mixed_hidden, W)`` gives
-            ``logits``, and a few columns of ``W`` give the logits of a few tokens.
+        mixed_hidden: ``(R, L, H)`` ``(1 - w) h_base + w h_thought`` of talk step 0 in float32
+            (float64 for a float64 model), only with ``output_hidden_states=True``; else None.
+            ``mixed_logits(mixed_hidden, W)`` gives ``logits``, and a few columns of ``W`` give the
+            logits of a few tokens.
     """
 
     loss: torch.Tensor
