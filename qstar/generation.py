@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,11 @@ class GenerationOutput:
     thought_texts: list[list[str]] | None = None
     mixing_weights: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    prompt_length: int = field(default=0)
+
+    @property
+    def prompt_length(self) -> int:
+        """``P``, the (left-padded) prompt's columns in ``sequences``."""
+        return self.sequences.shape[1] - self.new_tokens.shape[1]
 
 
 def _check_number(name: str, value, *, low: float, high: float | None = None, integer=False) -> None:
@@ -338,7 +342,6 @@ def _steps(
     B, P = ids.shape
     device = ids.device
     state["prompt"] = ids
-    state["prompt_length"] = P
     decoder = model._decoder()
     dec_cfg = getattr(decoder, "config", model.base_model.config)
     branch = n + 2 if think else 0
@@ -632,5 +635,4 @@ def generate(
         thought_texts=thought_texts,
         mixing_weights=torch.stack(weights, 1) if weights else None,
         logits=torch.stack(logits_all, 1) if output_logits else None,
-        prompt_length=state["prompt_length"],
     )
