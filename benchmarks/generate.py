@@ -12,7 +12,7 @@ authors' ``zero-shotcot-eval.py``, the meta tokens never emitted, EOS never stop
                      entire current sequence, no KV cache kept across tokens; keep the last position's
                      mixed logits, set the ids >= the base vocabulary (the meta tokens) to -inf,
                      ``multinomial(softmax(z / 0.9))``, append, repeat. The forward is
-                     ``tests/quietstar_plain.py`` (dense additive masks grown every pass, one-hot
+                     ``qstar/reference.py`` (dense additive masks grown every pass, one-hot
                      ``(N, V) @ E`` inputs for sampled tokens, full-vocabulary logits at every pass,
                      hard Gumbel-softmax sampling) with the authors' eval overrides
                      ``n_ahead_talk = 1``, ``n_passes = 1`` and ``n_ahead = 12`` (the training
@@ -81,15 +81,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-for _p in (HERE, os.path.join(ROOT, "tests")):
+for _p in (HERE,):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 from _common import fmt_ms, format_machine, machine_info, time_calls, write_csv, write_json  # noqa: E402
-from quietstar_plain import plain_quietstar_forward  # noqa: E402
 
 from qstar import QuietStarConfig, QuietStarForCausalLM, generate  # noqa: E402
+from qstar.reference import plain_quietstar_forward  # noqa: E402
 
 RESULTS_DIR = os.path.join(HERE, "results")
 PROVIDERS = ["authors-recompute", "recompute-fused", "qstar", "base-hf", "base-qstar"]

@@ -6,7 +6,7 @@ The question a user asks: "how much faster, and how much smaller, is a training 
 
 Providers (the same weights, the same batch, the same sizes; thoughts sampled):
 
-  authors      ``tests/quietstar_plain.py``, a literal implementation of the authors' forward
+  authors      ``qstar/reference.py``, a literal implementation of the authors' forward
                (``quietstar.md`` section 14): dense additive masks (R, 1, L, (a+1)L) grown every
                step and handed to transformers' SDPA (which copies the key/value heads,
                ``repeat_kv``), full-vocabulary logits at every step (base, sampling, the talk
@@ -42,7 +42,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-for _p in (HERE, os.path.join(ROOT, "tests")):
+for _p in (HERE,):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -58,9 +58,9 @@ from _common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from quietstar_plain import plain_quietstar_forward  # noqa: E402
 
 from qstar import QuietStarConfig, QuietStarForCausalLM  # noqa: E402
+from qstar.reference import plain_quietstar_forward  # noqa: E402
 
 RESULTS_DIR = os.path.join(HERE, "results")
 PROVIDERS = ["authors", "qstar", "qstar-ckpt"]

@@ -537,7 +537,7 @@ def _eval_forward(model: QuietStarForCausalLM, rows: list[list[int]], generator,
     """
     cfg = model.config
     ids, mask = _right_pad(rows, model.pad_token_id, min_length=max(3, cfg.eval_n_talk_tokens + 2))
-    device = model._weight().device
+    device = model.lm_head_weight.device
     out = model(ids.to(device), mask.to(device), generator=generator, **kwargs)
     P = cfg.eval_n_rationales
     if P == 1:
@@ -617,7 +617,7 @@ def evaluate_direct(
 
     was_training = model.training
     model.eval()
-    W_allowed = model._weight()[torch.tensor(union, device=model._weight().device)]  # (U, H)
+    W_allowed = model.lm_head_weight[torch.tensor(union, device=model.lm_head_weight.device)]  # (U, H)
     examples: list[DirectExample] = []
     t0 = time.perf_counter()
     starts = list(range(0, len(encoded), batch_size))

@@ -117,7 +117,7 @@ def _check_number(name: str, value, *, low: float, high: float | None = None, in
 
 def _prepare_prompt(model, input_ids, attention_mask, tokenizer):
     """(ids, keep) on the model's device, left-aligned: every row's real tokens end at column P-1."""
-    device = model._weight().device
+    device = model.lm_head_weight.device
     if isinstance(input_ids, str) or (
         isinstance(input_ids, list | tuple) and input_ids and all(isinstance(s, str) for s in input_ids)
     ):
@@ -342,7 +342,7 @@ def _steps(
     B, P = ids.shape
     device = ids.device
     state["prompt"] = ids
-    decoder = model._decoder()
+    decoder = model.decoder
     dec_cfg = getattr(decoder, "config", model.base_model.config)
     branch = n + 2 if think else 0
     window = getattr(dec_cfg, "sliding_window", None)
@@ -356,7 +356,7 @@ def _steps(
     @torch.no_grad()  # on a generator function: grad mode is switched around each step only
     def run_steps():
         cache = ThoughtBranchCache(dec_cfg, capacity=P + max_new_tokens + branch)
-        W = model._weight()
+        W = model.lm_head_weight
         embed = model.base_model.get_input_embeddings()  # text tokens, as the rollout's step 0
         E = embed.weight
 

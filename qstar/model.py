@@ -175,8 +175,8 @@ class QuietStarForCausalLM(nn.Module):
             )
         if not 0 <= self.pad_token_id < vocab:
             raise ValueError(f"pad_token_id must be in [0, {vocab}), got {self.pad_token_id}")
-        dtype = self._weight().dtype
-        device = self._weight().device
+        dtype = self.lm_head_weight.dtype
+        device = self.lm_head_weight.device
         # Row 0 is the mean (the input, times meta_embedding_scale); row 1 the authors' unused log-std.
         self.start_embedding = nn.Parameter(torch.zeros(2, hidden, dtype=dtype, device=device))
         self.end_embedding = nn.Parameter(torch.zeros(2, hidden, dtype=dtype, device=device))
@@ -252,12 +252,17 @@ class QuietStarForCausalLM(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self._weight().shape[0]
+        return self.lm_head_weight.shape[0]
 
-    def _weight(self) -> torch.Tensor:
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The base model's LM-head weight ``(V, H)`` (the input embeddings when the model ties them)."""
         return self.base_model.get_output_embeddings().weight  # (V, H)
 
-    def _decoder(self) -> nn.Module:
+    @property
+    def decoder(self) -> nn.Module:
+        """The base model's decoder stack (``base_model.model`` for HF causal LMs): embeddings in, final
+        hidden states out, no LM head."""
         decoder = getattr(self.base_model, "model", None)
         if decoder is None:
             decoder = self.base_model.get_decoder()
@@ -279,7 +284,7 @@ class QuietStarForCausalLM(nn.Module):
 
     def _run_step(self, embeds, positions, keep, cache: RolloutCache, step: int) -> torch.Tensor:
         """One transformer pass of the rollout: ``L`` new tokens per row, ``(R, L, H)`` final hidden."""
-        decoder = self._decoder()
+        decoder = self.decoder
 
         def run(x):
             cache.step = step
@@ -299,7 +304,7 @@ class QuietStarForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be a (B, L) tensor, got {got}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        device = self._weight().device
+        device = self.lm_head_weight.device
         if input_ids.device != device:
             raise ValueError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
         B, L = input_ids.shape
@@ -400,10 +405,10 @@ class QuietStarForCausalLM(nn.Module):
             keep = torch.ones(R, L, dtype=torch.bool, device=device)
         else:
             keep = attention_mask.to(torch.bool).repeat_interleave(n_rat, dim=0)  # (R, L)
-        W = self._weight()  # (V, H)
+        W = self.lm_head_weight  # (V, H)
         H = W.shape[1]
         positions = torch.arange(L, device=device).unsqueeze(0)  # (1, L); step a uses j + a
-        cache = RolloutCache(self._decoder().config)
+        cache = RolloutCache(self.decoder.config)
 
         def targets(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
             """(R, L) ids of x_{j+shift} where it is a real token, else IGNORE; and validity."""

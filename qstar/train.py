@@ -209,7 +209,7 @@ def wrap_model(model, dist: Dist, *, find_unused_parameters: bool = False, fsdp_
         if fsdp_unit not in FSDP_UNITS:
             raise ValueError(f"fsdp_unit must be one of {FSDP_UNITS}, got {fsdp_unit!r}")
         if fsdp_unit == "layer":
-            for layer in model._decoder().layers:
+            for layer in model.decoder.layers:
                 fully_shard(layer)
                 _unshard_before_kv_backward(layer)
         fully_shard(model)

@@ -71,7 +71,7 @@ def main(mode: str, out: Path) -> None:
         if mode == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
 
-            layers = model._decoder().layers
+            layers = model.decoder.layers
             assert all(isinstance(layer, FSDPModule) == (unit == "layer") for layer in layers), unit
         model.train()
         o = model(

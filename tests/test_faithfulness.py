@@ -1,5 +1,5 @@
 """Faithfulness: QuietStarForCausalLM against the plain, literal implementation of the authors'
-algorithm (``tests/quietstar_plain.py``, ``quietstar.md`` section 14).
+algorithm (``qstar/reference.py``, ``quietstar.md`` section 14).
 
 Same weights, same inputs, injected thoughts, float32, a non-zero mixing head (with the authors' zero
 initialisation every reward is exactly 0 and the policy term tests nothing). The bar is 1e-5
@@ -15,9 +15,9 @@ import dataclasses
 import pytest
 import torch
 from quietstar_helpers import char_tokenizer, random_thoughts, text_batch, tiny_mistral
-from quietstar_plain import plain_quietstar_forward
 
 from qstar import QuietStarForCausalLM, get_preset
+from qstar.reference import plain_quietstar_forward
 
 TOL = 1e-5
 HEAD_SCALE = 0.5

@@ -1,4 +1,4 @@
-"""Tests of the plain Quiet-STaR training forward (tests/quietstar_plain.py), the oracle that the
+"""Tests of the plain Quiet-STaR training forward (qstar/reference.py), the oracle that the
 optimised implementation is compared against. Tiny random MistralForCausalLM, float32, CPU."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from quietstar_plain import (  # noqa: E402
+from qstar.reference import (  # noqa: E402
     base_causal_mask,
     extend_mask,
     gumbel_hard_sample,

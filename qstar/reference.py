@@ -1,10 +1,10 @@
 """A plain, literal implementation of the Quiet-STaR training forward, the authors' way.
 
 This is the test oracle for the optimised implementation, and "the authors' way" in the training-step
-benchmark. It follows /work/shared/design/quietstar.md (sections 2-9, 13, 14), which describes the
-reference code (github.com/ezelikman/quiet-star, modeling_mistral.py, MistralForCausalLM.forward).
-It is written for readability, not speed: dense additive float masks grown by one diagonal block per
-step, a DynamicCache, one-hot @ embedding-matrix inputs, full-vocabulary logits at every step.
+and generation benchmarks; users can import it to check their own numbers. It follows the algorithm
+as ``docs/algorithm.md`` describes it: the authors' reference code (github.com/ezelikman/quiet-star,
+``modeling_mistral.py``, ``MistralForCausalLM.forward``). It is written for readability, not speed:
+dense additive float masks grown by one diagonal block per step, a DynamicCache, one-hot @ embedding-matrix inputs, full-vocabulary logits at every step.
 
 Interpretation choices where the note leaves room (each is repeated at the line it concerns):
 
