@@ -4,7 +4,8 @@ This is the test oracle for the optimised implementation, and "the authors' way"
 and generation benchmarks; users can import it to check their own numbers. It follows the algorithm
 as ``docs/algorithm.md`` describes it: the authors' reference code (github.com/ezelikman/quiet-star,
 ``modeling_mistral.py``, ``MistralForCausalLM.forward``). It is written for readability, not speed:
-dense additive float masks grown by one diagonal block per step, a DynamicCache, one-hot @ embedding-matrix inputs, full-vocabulary logits at every step.
+dense additive float masks grown by one diagonal block per step, a DynamicCache, one-hot @
+embedding-matrix inputs, full-vocabulary logits at every step.
 
 Interpretation choices where the note leaves room (each is repeated at the line it concerns):
 
