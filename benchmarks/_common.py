@@ -1,12 +1,13 @@
-"""Reusable helpers for the benchmarks: timing, peak-memory measurement, machine description.
+"""What every benchmark measures with: time, peak extra memory, and the machine it ran on.
 
-Nothing here knows about thought attention; other benchmarks import these helpers.
+Nothing here knows about Quiet-STaR. ``_report.py`` turns the measurements into tables, claims and
+result files; ``_models.py`` builds the small Mistral the model-level benchmarks share.
 
 Timing
     :func:`time_calls` times one or several zero-argument callables *interleaved* (round robin),
-    after a warmup, and returns median / quartiles / min per callable. Interleaving spreads the
-    noise of a shared machine over all providers instead of penalising whichever ran during a
-    burst. CUDA work is synchronised around every call.
+    after a warmup, and returns a :class:`Timing` (median, quartiles, min) per callable.
+    Interleaving spreads the noise of a shared machine over all providers instead of penalising
+    whichever ran during a burst. CUDA work is synchronised around every call.
 
 Peak extra memory
     :func:`peak_extra_memory` runs a callable once and returns the highest number of bytes
@@ -28,13 +29,14 @@ Peak extra memory
     allocator's size table and would skew a later measurement.
 
 Machine
-    :func:`machine_info` / :func:`format_machine` describe the CPU, cores, torch build and GPU.
+    :func:`machine_info` / :func:`format_machine` describe the CPU, cores, load, torch build and GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -59,6 +61,7 @@ if importlib.util.find_spec("qstar_kernels") is None:
 import torch  # noqa: E402
 
 __all__ = [
+    "MB",
     "Timing",
     "time_calls",
     "synchronize",
@@ -66,11 +69,7 @@ __all__ = [
     "cpu_memory_selfcheck",
     "machine_info",
     "format_machine",
-    "fmt_ms",
-    "fmt_mb",
-    "fmt_ratio",
-    "write_csv",
-    "write_json",
+    "load_average",
 ]
 
 MB = 1024.0 * 1024.0
@@ -122,6 +121,8 @@ class Timing:
         return self.quantile(0.75) - self.quantile(0.25)
 
     def as_dict(self, prefix: str = "") -> dict:
+        """The row columns of every result file: ``<prefix>median_ms``, ``p25_ms``, ``p75_ms``,
+        ``min_ms``, ``mean_ms`` and ``n``."""
         return {
             f"{prefix}median_ms": self.median,
             f"{prefix}p25_ms": self.quantile(0.25),
@@ -133,14 +134,6 @@ class Timing:
 
     def __repr__(self) -> str:
         return f"Timing(median={self.median:.3f} ms, iqr={self.iqr:.3f}, min={self.min:.3f}, n={self.n})"
-
-
-def _timed_call(fn: Callable[[], object], device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
 
 
 def time_calls(
@@ -160,35 +153,35 @@ def time_calls(
     and reported through ``on_error`` (or re-raised when it is None).
     """
     live = dict(fns)
-    estimate: dict[str, float] = {}
-    for name, fn in list(live.items()):
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    target = dict.fromkeys(live, repeats)
+
+    def call(name: str) -> float | None:
         try:
-            for _ in range(max(warmup, 1)):
-                estimate[name] = _timed_call(fn, device)
+            synchronize(device)
+            t0 = time.perf_counter()
+            live[name]()
+            synchronize(device)
+            return (time.perf_counter() - t0) * 1e3
         except Exception as exc:  # noqa: BLE001 - a failing provider must not stop the others
             live.pop(name)
+            samples.pop(name)
             if on_error is None:
                 raise
             on_error(name, exc)
-    target = {}
-    for name in live:
-        n = repeats
-        if max_seconds is not None and estimate[name] > 0:
-            n = min(repeats, max(min_repeats, int(max_seconds * 1e3 / estimate[name])))
-        target[name] = n
-    samples: dict[str, list[float]] = {name: [] for name in live}
+            return None
+
+    for name in list(live):
+        ms = None
+        for _ in range(warmup):
+            if (ms := call(name)) is None:
+                break
+        if name in live and max_seconds is not None and ms:
+            target[name] = min(repeats, max(min_repeats, int(max_seconds * 1e3 / ms)))
     for r in range(max(target.values(), default=0)):
-        for name, fn in list(live.items()):
-            if r >= target[name]:
-                continue
-            try:
-                samples[name].append(_timed_call(fn, device))
-            except Exception as exc:  # noqa: BLE001
-                live.pop(name)
-                samples.pop(name)
-                if on_error is None:
-                    raise
-                on_error(name, exc)
+        for name in list(live):
+            if r < target[name] and (ms := call(name)) is not None:
+                samples[name].append(ms)
     return {name: Timing(s) for name, s in samples.items()}
 
 
@@ -356,13 +349,10 @@ def cpu_memory_selfcheck(verbose: bool = False) -> tuple[bool, str]:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
@@ -374,18 +364,24 @@ def _cpu_count() -> int:
 
 
 def _mem_total_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / (1024.0 * 1024.0)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1024.0 * 1024.0)
     return None
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (above the core count: other work shared the machine)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
     dev = torch.device(device)
+    try:
+        transformers = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        transformers = None
     info = {
         "cpu": _cpu_model(),
         "cores": _cpu_count(),
@@ -395,19 +391,22 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        "transformers": transformers,
         "device": str(dev),
         "device_kind": dev.type,
         "gpu": None,
+        "loadavg_before": load_average(),
     }
     if dev.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(dev)
         info["gpu"] = props.name
         info["gpu_mem_gb"] = props.total_memory / 1024**3
-        info["device_kind"] = "cuda"
     return info
 
 
 def format_machine(info: dict) -> str:
+    if "description" in info:  # a modelled machine (attention_model.py)
+        return info["description"]
     mem = f", {info['mem_total_gb']:.0f} GB RAM" if info.get("mem_total_gb") else ""
     line = (
         f"{info['cpu']} | {info['cores']} cores ({info['torch_threads']} torch threads){mem} | "
@@ -420,70 +419,3 @@ def format_machine(info: dict) -> str:
     else:
         line += " | no GPU used"
     return line
-
-
-# --------------------------------------------------------------------------------------------
-# Formatting and output
-# --------------------------------------------------------------------------------------------
-
-
-def fmt_ms(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, str):
-        return x
-    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
-
-
-def fmt_mb(nbytes) -> str:
-    if nbytes is None or (isinstance(nbytes, float) and math.isnan(nbytes)):
-        return "-"
-    return f"{nbytes / MB:.1f}"
-
-
-def fmt_ratio(x) -> str:
-    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-        return "-"
-    return f"{x:.2f}x" if x < 10 else f"{x:.1f}x"
-
-
-def write_csv(path: str, rows: list[dict], fields: Sequence[str] | None = None) -> None:
-    import csv
-
-    if fields is None:
-        fields = []
-        for row in rows:
-            for key in row:
-                if key not in fields:
-                    fields.append(key)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-
-
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, (torch.dtype, torch.device)):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean_nan(o):
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean_nan(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean_nan(v) for v in o]
-    return o
-
-
-def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_clean_nan(obj), f, indent=2, default=_json_default)
-        f.write("\n")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Analytic model of thought attention on an H100: FLOPs and HBM bytes per provider, and the time
-each implies. It is a model, not a measurement; ``mask_attention.py`` prints it beside measured
-times on a GPU and on its own elsewhere.
+"""What would thought attention cost on an H100? An analytic model: FLOPs, HBM bytes, implied times.
+
+It is a model, not a measurement; ``mask_attention.py`` prints it beside measured times on a GPU
+and on its own elsewhere.
 
     python benchmarks/attention_model.py                   # the GPU claim config + a depth sweep
     python benchmarks/attention_model.py --L 256 --depths 8 14 20 --B 8
@@ -28,11 +29,11 @@ Backward conventions: a flash-style backward recomputes the scores, so it costs 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import sys
+
+from _report import write_results
 
 TC_FLOPS = 989e12  # dense bf16/fp16 tensor-core FLOP/s, H100 SXM
 SIMT_FLOPS = 67e12  # fp32 CUDA-core FLOP/s, H100 SXM
@@ -240,49 +241,17 @@ def main(argv=None) -> int:
         print(format_model(rows))
         print(format_ratios(ratios(rows)))
         print()
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "attention_model_h100")
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(all_rows[0]))
-        w.writeheader()
-        w.writerows(all_rows)
-    with open(stem + ".json", "w") as f:
-        json.dump({"machine": MACHINE, "launch_us": LAUNCH_US, "rows": all_rows}, f, indent=1)
-    if not args.no_plot:
-        plot(all_rows, stem + ".png")
-    print(f"wrote {stem}.csv, {stem}.json" + ("" if args.no_plot else f", {stem}.png"))
+    results = {
+        "benchmark": "attention_model",
+        "question": __doc__.strip().splitlines()[0],
+        "machine": {"description": MACHINE},
+        "config": {"args": vars(args), "launch_us": LAUNCH_US},
+        "rows": all_rows,
+        "claims": [],
+    }
+    print("wrote " + ", ".join(write_results(stem, results, plot=not args.no_plot)))
     return 0
-
-
-def plot(rows: list[dict], path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    for ax, mode in zip(axes, ("fwd", "fb")):
-        for p in PROVIDERS:
-            pts = sorted(
-                (r["depth"], r["model_launch_us"]) for r in rows if r["provider"] == p and r["mode"] == mode
-            )
-            ax.plot([d for d, _ in pts], [t for _, t in pts], marker="o", label=p)
-        ax.set_yscale("log")
-        ax.set_xlabel("thought depth a")
-        ax.set_ylabel("modelled time (us, roofline + launches)")
-        ax.set_title(f"{'forward' if mode == 'fwd' else 'forward+backward'}")
-        ax.grid(True, which="both", alpha=0.3)
-    r0 = rows[0]
-    fig.suptitle(
-        f"MODELLED, not measured: {MACHINE}\nB={r0['B']} Hq={r0['Hq']} Hkv={r0['Hkv']} D={r0['D']} "
-        f"{r0['dtype']} L={r0['L']}",
-        fontsize=9,
-    )
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

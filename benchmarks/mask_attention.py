@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Headline benchmark: Quiet-STaR thought attention, the authors' dense mask vs fused kernels.
+"""How much faster is thought attention than the authors' dense mask, and how much less memory?
 
 At thought step ``a`` the L queries of the text attend causally to the text block and, for each of
 the ``a`` thought blocks, to exactly one key (their own stream): keys/values have ``(a+1)L``
@@ -22,55 +22,54 @@ Providers (one line each in the table):
   GPU only: every other backend in ``qstar_kernels.available_backends("cuda")`` (e.g. "triton",
             "cuda") and ``flash_attn`` (causal, over the text alone) when it imports.
 
+Claims, CPU (fp32, B=1, Hq=8, Hkv=2, D=64, L=1024, depth 8): ``cpu`` fwd+bwd within 1.5x of
+``causal``; ``original`` fwd+bwd at least 8x ``cpu``; ``flex`` fwd at least 3x ``cpu``; ``cpu``
+fwd+bwd memory <= 6 x |q,k,v,out| at every measured configuration. GPU (B=8, Hq=32, Hkv=8, D=128,
+bf16, L=256, depth 14): ``flex`` fwd+bwd at least 3x ``triton``; ``triton`` within 1.3x of
+``flash_attn`` causal over the text (N/A without a GPU, with the analytic model's expectation).
+
 Timing: median (with quartiles and min) of ``--repeats`` calls after ``--warmup``, all providers of a
 configuration interleaved round robin in one process. "fwd" runs under ``torch.no_grad``; "fwd+bwd"
 runs forward and ``backward`` with a fixed random ``grad_out`` on leaf inputs with
-``requires_grad``. Peak extra memory: bytes allocated above the level at the start of one call
-(see ``_common.py``: CUDA allocator statistics on a GPU, the profiler's allocator records on the
-CPU), so for fwd+bwd it includes the saved activations and the gradients of q, k and v.
+``requires_grad``. Peak extra memory (see ``_common.py``) for fwd+bwd includes the saved activations
+and the gradients of q, k and v.
 
     python benchmarks/mask_attention.py                 # quick: L=1024, depth 1 and 8 (< 2 min)
     python benchmarks/mask_attention.py --full          # L 256/1024/2048 x depth 1/4/8/16
     python benchmarks/mask_attention.py --check         # exit 1 if a headline claim fails
-    python benchmarks/mask_attention.py --plot-only     # re-plot from the CSV of a previous run
+    python benchmarks/mask_attention.py --plot-only     # re-plot from the JSON of a previous run
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
-import os
 import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import attention_model  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _common import (  # noqa: E402
-    MB,
-    cpu_memory_selfcheck,
+import attention_model
+import torch
+import torch.nn.functional as F
+from _common import MB, peak_extra_memory, time_calls
+from _report import (
+    DTYPES,
+    Run,
+    add_run_args,
+    claim,
+    dtype_name,
     fmt_mb,
-    fmt_ms,
     fmt_ratio,
-    format_machine,
-    machine_info,
-    peak_extra_memory,
-    time_calls,
-    write_csv,
-    write_json,
+    not_applicable,
+    parser,
+    spread,
 )
 
-import qstar_kernels  # noqa: E402  (after _common, which finds it in a checkout)
-from qstar_kernels.reference import build_additive_thought_mask, thought_mask_mod  # noqa: E402
+import qstar_kernels
+from qstar_kernels.reference import build_additive_thought_mask, thought_mask_mod
 
 log = logging.getLogger("bench.mask_attention")
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 #: The configuration the claims are about (Mistral-like heads, fp32, CPU).
 HEADLINE = {"B": 1, "Hq": 8, "Hkv": 2, "D": 64, "dtype": "float32", "L": 1024, "depth": 8}
@@ -87,16 +86,6 @@ DEFAULT_PROVIDERS = ["original", "eager", "flex", "torch", "cpu", "triton", "cud
 OUR_BACKENDS = ["cpu", "triton", "cuda", "torch"]
 #: Providers that compute plain causal attention over the text only (a different op: no accuracy check).
 TEXT_ONLY = {"causal", "flash_attn"}
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
 
 class Unavailable(Exception):
@@ -554,108 +543,82 @@ def fill_ratios(rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _min_ratio_txt(rn: dict, rd: dict, num_key: str, den_key: str) -> str:
-    """The same ratio from the fastest calls: a cross-check on a noisy machine."""
-    a, b = rn.get(num_key.replace("median", "min")), rd.get(den_key.replace("median", "min"))
-    return f"; from min times {a / b:.2f}" if a and b else ""
-
-
-def check_claims(all_rows: list[dict], device: torch.device) -> list[dict]:
+def check_claims(all_rows: list[dict]) -> list[dict]:
     """The headline claims, each PASS / FAIL / N/A with the numbers behind it."""
+    head = {
+        r["provider"]: r
+        for r in all_rows
+        if r.get("device_kind") == "cpu" and all(r.get(k) == v for k, v in HEADLINE.items())
+    }
 
-    def at_headline(r):
-        return all(r.get(k) == v for k, v in HEADLINE.items()) and r.get("device_kind") == "cpu"
-
-    head = {r["provider"]: r for r in all_rows if at_headline(r)}
-    cfg_txt = "fp32, B=1, Hq=8, Hkv=2, D=64, L=1024, depth 8, CPU"
-    claims = []
-
-    def ratio_claim(title, num, num_key, den, den_key, op, bound):
-        a, b = head.get(num, {}).get(num_key), head.get(den, {}).get(den_key)
+    def ratio_claim(title, num, den, key, op, bound):
         if not head:
-            return {"claim": title, "result": "N/A", "detail": f"headline config ({cfg_txt}) not run"}
+            return not_applicable(
+                title, "headline config (fp32, B=1, Hq=8, Hkv=2, D=64, L=1024, depth 8, CPU) not run"
+            )
+        a, b = head.get(num, {}).get(key), head.get(den, {}).get(key)
         if a is None or b is None:
             missing = num if a is None else den
             why = _short(head.get(missing, {}).get("status", "not run"), 70)
-            return {
-                "claim": title,
-                "result": "N/A",
-                "detail": f"{missing} has no {num_key[:-10] or num_key}: {why}",
-            }
-        ratio = a / b
-        ok = ratio <= bound if op == "<=" else ratio >= bound
-        return {
-            "claim": title,
-            "result": "PASS" if ok else "FAIL",
-            "value": ratio,
-            "detail": f"{num} {a:.1f} ms / {den} {b:.1f} ms = {ratio:.2f} ({op} {bound}; medians)"
-            + _min_ratio_txt(head[num], head[den], num_key, den_key),
-        }
+            return not_applicable(title, f"{missing} has no {key[:-10]}: {why}")
+        mins = [head[n].get(key.replace("median", "min")) for n in (num, den)]
+        detail = f"{num} {a:.1f} ms / {den} {b:.1f} ms = {a / b:.2f} ({op} {bound}; medians)"
+        detail += f"; from min times {mins[0] / mins[1]:.2f}" if all(mins) else ""
+        return claim(title, a / b, op, bound, detail)
 
-    claims.append(
-        ratio_claim(
-            "cpu fwd+bwd / causal fwd+bwd <= 1.5", "cpu", "fb_median_ms", "causal", "fb_median_ms", "<=", 1.5
-        )
-    )
-    claims.append(
+    claims = [
+        ratio_claim("cpu fwd+bwd / causal fwd+bwd <= 1.5", "cpu", "causal", "fb_median_ms", "<=", 1.5),
         ratio_claim(
             "original (dense-mask SDPA) fwd+bwd / cpu fwd+bwd >= 8",
             "original",
-            "fb_median_ms",
             "cpu",
             "fb_median_ms",
             ">=",
             8.0,
-        )
-    )
-    claims.append(
-        ratio_claim("flex fwd / cpu fwd >= 3", "flex", "fwd_median_ms", "cpu", "fwd_median_ms", ">=", 3.0)
-    )
-
+        ),
+        ratio_claim("flex fwd / cpu fwd >= 3", "flex", "cpu", "fwd_median_ms", ">=", 3.0),
+    ]
     # Memory: a bounded number of O(L*(a+1)) tensors, at every configuration that was measured.
     title = "cpu extra memory is O(L*(a+1)): fwd+bwd peak <= 6 x |q,k,v,out| at every measured config"
     cpu_rows = [r for r in all_rows if r["provider"] == "cpu" and r.get("fb_peak_bytes") is not None]
     if not cpu_rows:
         why = _short(next((r.get("status") for r in all_rows if r["provider"] == "cpu"), "not run"), 70)
-        claims.append({"claim": title, "result": "N/A", "detail": f"no cpu memory measurement ({why})"})
-    else:
-        worst = max(cpu_rows, key=lambda r: r["fb_peak_bytes"] / io_bytes(r))
-        factor = worst["fb_peak_bytes"] / io_bytes(worst)
-        ok = all(r["fb_peak_bytes"] <= 6 * io_bytes(r) + MB for r in cpu_rows)
-        detail = (
-            f"worst {factor:.2f} x |q,k,v,out| at L={worst['L']} a={worst['depth']} "
-            f"({fmt_mb(worst['fb_peak_bytes'])} MB) over {len(cpu_rows)} config(s)"
-        )
-        by_depth = {(r["L"], r["depth"]): r["fb_peak_bytes"] for r in cpu_rows}
-        for L in sorted({r["L"] for r in cpu_rows}):
-            ds = sorted(d for (ll, d) in by_depth if ll == L)
-            if len(ds) > 1:
-                d0, d1 = ds[0], ds[-1]
-                detail += (
-                    f"; L={L}: depth {d0}->{d1} memory x{by_depth[(L, d1)] / by_depth[(L, d0)]:.2f} "
-                    f"(k/v grow x{(d1 + 1) / (d0 + 1):.2f})"
-                )
-        orig = head.get("original", {}).get("fb_peak_bytes")
-        cpu_head = head.get("cpu", {}).get("fb_peak_bytes")
-        if orig and cpu_head:
-            detail += f"; headline original/cpu memory = {orig / cpu_head:.1f}x"
-        claims.append({"claim": title, "result": "PASS" if ok else "FAIL", "value": factor, "detail": detail})
-    claims += gpu_claims(all_rows)
-    return claims
+        return claims + [not_applicable(title, f"no cpu memory measurement ({why})")] + gpu_claims(all_rows)
+    worst = max(cpu_rows, key=lambda r: r["fb_peak_bytes"] / io_bytes(r))
+    factor = worst["fb_peak_bytes"] / io_bytes(worst)
+    excess = max(r["fb_peak_bytes"] - 6 * io_bytes(r) - MB for r in cpu_rows)  # <= 0: within the bound
+    detail = (
+        f"worst {factor:.2f} x |q,k,v,out| at L={worst['L']} a={worst['depth']} "
+        f"({fmt_mb(worst['fb_peak_bytes'])} MB) over {len(cpu_rows)} config(s)"
+    )
+    by_depth = {(r["L"], r["depth"]): r["fb_peak_bytes"] for r in cpu_rows}
+    for L in sorted({r["L"] for r in cpu_rows}):
+        ds = sorted(d for (ll, d) in by_depth if ll == L)
+        if len(ds) > 1:
+            d0, d1 = ds[0], ds[-1]
+            detail += (
+                f"; L={L}: depth {d0}->{d1} memory x{by_depth[(L, d1)] / by_depth[(L, d0)]:.2f} "
+                f"(k/v grow x{(d1 + 1) / (d0 + 1):.2f})"
+            )
+    orig, cpu_head = (head.get(p, {}).get("fb_peak_bytes") for p in ("original", "cpu"))
+    if orig and cpu_head:
+        detail += f"; headline original/cpu memory = {orig / cpu_head:.1f}x"
+    memory = claim(title, factor, "<=", 6.0, detail)
+    memory["result"] = "PASS" if excess <= 0 else "FAIL"  # the bound has 1 MB of slack per config
+    return claims + [memory] + gpu_claims(all_rows)
 
 
 def gpu_claims(all_rows: list[dict]) -> list[dict]:
     """The GPU claims at L=256, depth 14, bf16, Mistral heads: measured where a GPU ran them,
     else N/A with the analytic model's expectation."""
-    cfg = GPU_CLAIM
     at = {
         r["provider"]: r
         for r in all_rows
-        if r.get("device_kind") == "cuda" and all(r.get(k) == v for k, v in cfg.items())
+        if r.get("device_kind") == "cuda" and all(r.get(k) == v for k, v in GPU_CLAIM.items())
     }
-    modelled = attention_model.ratios(attention_model.model_table(cfg))
+    modelled = attention_model.ratios(attention_model.model_table(GPU_CLAIM))["model_launch_us"]
     out = []
-    checks = [
+    for title, num, den, op, bound, key in (
         ("flex fwd+bwd / triton fwd+bwd >= 3, GPU", "flex", "triton", ">=", 3.0, "flex / triton"),
         (
             "triton fwd+bwd / flash_attn causal (text only) <= 1.3, GPU",
@@ -665,28 +628,16 @@ def gpu_claims(all_rows: list[dict]) -> list[dict]:
             1.3,
             "triton /",
         ),
-    ]
-    for title, num, den, op, bound, key in checks:
-        model_txt = next(v for k, v in modelled["model_launch_us"].items() if k.startswith(key))
+    ):
+        model_txt = next(v for k, v in modelled.items() if k.startswith(key))
         model_txt = f"modelled on an H100: {model_txt:.2f}x (benchmarks/attention_model.py)"
         a, b = at.get(num, {}).get("fb_median_ms"), at.get(den, {}).get("fb_median_ms")
         if a is None or b is None:
             why = "no GPU here" if not at else f"{num if a is None else den} did not run"
-            out.append(
-                {"claim": title, "result": "N/A", "gpu": True, "detail": f"not measured ({why}); {model_txt}"}
-            )
+            out.append(not_applicable(title, f"not measured ({why}); {model_txt}", gpu=True))
             continue
-        ratio = a / b
-        ok = ratio >= bound if op == ">=" else ratio <= bound
-        out.append(
-            {
-                "claim": title,
-                "result": "PASS" if ok else "FAIL",
-                "gpu": True,
-                "value": ratio,
-                "detail": f"{num} {a:.3f} ms / {den} {b:.3f} ms = {ratio:.2f} ({op} {bound}); {model_txt}",
-            }
-        )
+        detail = f"{num} {a:.3f} ms / {den} {b:.3f} ms = {a / b:.2f} ({op} {bound}); {model_txt}"
+        out.append(claim(title, a / b, op, bound, detail, gpu=True))
     return out
 
 
@@ -694,75 +645,30 @@ def gpu_claims(all_rows: list[dict]) -> list[dict]:
 # Output
 # --------------------------------------------------------------------------------------------
 
-CSV_FIELDS = [
-    "device_kind",
-    "B",
-    "Hq",
-    "Hkv",
-    "D",
-    "dtype",
-    "L",
-    "depth",
-    "provider",
-    "status",
-    "fb_status",
-    "fwd_median_ms",
-    "fwd_p25_ms",
-    "fwd_p75_ms",
-    "fwd_min_ms",
-    "fwd_n",
-    "fb_median_ms",
-    "fb_p25_ms",
-    "fb_p75_ms",
-    "fb_min_ms",
-    "fb_n",
-    "fwd_peak_bytes",
-    "fb_peak_bytes",
-    "baseline",
-    "fwd_vs_baseline",
-    "fb_vs_baseline",
-    "fwd_vs_causal",
-    "fb_vs_causal",
-    "max_abs_err_vs_original",
-    "compile_ms",
-    "setup_ms",
-    "notes",
-]
-
 
 def _time_cell(r, mode):
-    t = r.get(f"{mode}_median_ms")
-    if t is None:
-        if mode == "fb" and r.get("fb_status"):
-            return r["fb_status"].split(" (")[0]
-        return "-"
-    iqr = r[f"{mode}_p75_ms"] - r[f"{mode}_p25_ms"]
-    return f"{fmt_ms(t)} ±{fmt_ms(iqr / 2)}"
+    if r.get(f"{mode}_median_ms") is None and mode == "fb" and r.get("fb_status"):
+        return r["fb_status"].split(" (")[0]
+    return spread(r, f"{mode}_")
 
 
-def format_table(all_rows: list[dict]) -> str:
-    lines = []
+def format_table(all_rows: list[dict], run) -> str:
+    lines = ["", f"== Thought attention: {run.device.type}, {run.machine}"]
     header = (
         f"{'provider':<11} {'fwd ms':>14} {'fwd+bwd ms':>14} {'fwd MB':>8} {'f+b MB':>8} "
         f"{'fwd/base':>9} {'f+b/base':>9} {'fwd/causal':>10} {'f+b/causal':>10}  notes"
     )
-    configs = []
-    for r in all_rows:
-        key = (r["L"], r["depth"])
-        if key not in configs:
-            configs.append(key)
-    for L, depth in configs:
+    for L, depth in dict.fromkeys((r["L"], r["depth"]) for r in all_rows):
         rows = [r for r in all_rows if r["L"] == L and r["depth"] == depth]
-        base = rows[0].get("baseline")
         r0 = rows[0]
-        lines.append("")
-        lines.append(
+        lines += [
+            "",
             f"L={L}, depth a={depth}  (B={r0['B']}, Hq={r0['Hq']}, Hkv={r0['Hkv']}, D={r0['D']}, "
-            f"{r0['dtype']}; keys (a+1)L={(depth + 1) * L}; ratios vs '{base}' and vs 'causal', "
-            f"x = times slower)"
-        )
-        lines.append(header)
-        lines.append("-" * len(header))
+            f"{r0['dtype']}; keys (a+1)L={(depth + 1) * L}; ratios vs '{r0.get('baseline')}' and vs "
+            "'causal', x = times slower)",
+            header,
+            "-" * len(header),
+        ]
         for r in rows:
             if r.get("fwd_median_ms") is None:
                 lines.append(f"{r['provider']:<11} {r['status']}")
@@ -776,13 +682,6 @@ def format_table(all_rows: list[dict]) -> str:
                 f"{fmt_ratio(r.get('fwd_vs_baseline')):>9} {fmt_ratio(r.get('fb_vs_baseline')):>9} "
                 f"{fmt_ratio(r.get('fwd_vs_causal')):>10} {fmt_ratio(r.get('fb_vs_causal')):>10}  {notes}"
             )
-    return "\n".join(lines)
-
-
-def format_claims(claims: list[dict]) -> str:
-    lines = ["", "Claims (headline config: fp32, B=1, Hq=8, Hkv=2, D=64, L=1024, depth 8, CPU):"]
-    for c in claims:
-        lines.append(f"  [{c['result']:>4}] {c['claim']}\n         {c['detail']}")
     return "\n".join(lines)
 
 
@@ -804,7 +703,7 @@ NOTE = (
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--full", action="store_true", help="the whole grid: L 256,1024,2048 x depth 1,4,8,16")
     ap.add_argument(
         "--L", type=int, nargs="+", help="text lengths (default: quick 1024; --full 256 1024 2048)"
@@ -820,18 +719,10 @@ def parse_args(argv=None):
     ap.add_argument("--Hkv", type=int)
     ap.add_argument("--D", type=int)
     ap.add_argument("--dtype", choices=sorted(DTYPES))
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     ap.add_argument(
         "--providers",
         nargs="+",
         help=f"default: {' '.join(DEFAULT_PROVIDERS)} (+ other GPU backends and flash_attn on CUDA)",
-    )
-    ap.add_argument("--repeats", type=int, help="timed calls per provider (default quick 5, full 10)")
-    ap.add_argument("--warmup", type=int, help="untimed calls first (default quick 1, full 2)")
-    ap.add_argument(
-        "--max-seconds",
-        type=float,
-        help="cap on timed seconds per provider and mode; cuts repeats down to 3 (default quick 2, full 10)",
     )
     ap.add_argument(
         "--max-dense-gb",
@@ -839,29 +730,18 @@ def parse_args(argv=None):
         default=8.0,
         help="skip 'eager' where its ~4 dense score matrices would exceed this many GB (default 8)",
     )
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--out-dir", default=RESULTS_DIR, help="where CSV/JSON/PNG go (default benchmarks/results)"
-    )
-    ap.add_argument("--tag", help="file name suffix (default: device kind, plus _quick without --full)")
-    ap.add_argument("--check", action="store_true", help="exit 1 if a claim FAILs or cannot be checked (N/A)")
-    ap.add_argument("--plot-only", action="store_true", help="only re-plot from the CSV of a previous run")
-    ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
+    add_run_args(ap, repeats_help="timed calls per provider (default quick 5, full 10)")
     args = ap.parse_args(argv)
     quick = not args.full
-    if args.device.startswith("cuda"):
-        # The GPU claims' configuration, unless the shape is given explicitly.
-        for k in ("B", "Hq", "Hkv", "D", "dtype"):
-            if getattr(args, k) is None:
-                setattr(args, k, GPU_CLAIM[k])
-        args.L = args.L or ([GPU_CLAIM["L"]] if quick else GPU_FULL_L)
-        args.depths = args.depths or (GPU_QUICK_DEPTHS if quick else GPU_FULL_DEPTHS)
+    shape = GPU_CLAIM if args.device.startswith("cuda") else HEADLINE  # unless given explicitly
     for k in ("B", "Hq", "Hkv", "D", "dtype"):
         if getattr(args, k) is None:
-            setattr(args, k, HEADLINE[k])
+            setattr(args, k, shape[k])
+    args.dtype = dtype_name(args.dtype)
+    if args.device.startswith("cuda"):
+        args.L = args.L or ([GPU_CLAIM["L"]] if quick else GPU_FULL_L)
+        args.depths = args.depths or (GPU_QUICK_DEPTHS if quick else GPU_FULL_DEPTHS)
     args.L = args.L or (QUICK_L if quick else FULL_L)
     args.depths = args.depths or (QUICK_DEPTHS if quick else FULL_DEPTHS)
     args.repeats = args.repeats or (5 if quick else 10)
@@ -870,140 +750,56 @@ def parse_args(argv=None):
     return args
 
 
-def file_stem(args, device: torch.device) -> str:
-    tag = args.tag or (device.type + ("" if args.full else "_quick"))
-    return os.path.join(args.out_dir, f"mask_attention_{tag}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     # torch.compile probes for a CUDA toolkit and warns when there is none; irrelevant here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    stem = file_stem(args, device)
-    if args.plot_only:
-        from plot import plot_results
-
-        png = plot_results(stem + ".csv", stem + ".png")
-        print(f"plotted {png}")
-        return 0
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-
-    info = machine_info(device)
-    print(f"Machine: {format_machine(info)}")
-    print(f"qstar_kernels backends here: {qstar_kernels.available_backends(device)}")
-    mem_method = (
-        "torch.cuda.max_memory_allocated delta"
-        if device.type == "cuda"
-        else "torch.profiler(profile_memory=True) allocator records, peak of the running sum"
+    kind = args.device.split(":")[0]
+    run = Run(
+        "mask_attention", __doc__, args, args.device, default_tag=kind + ("" if args.full else "_quick")
     )
-    selfcheck = None
-    if device.type == "cpu" and not args.no_memory:
-        ok, selfcheck = cpu_memory_selfcheck()
-        print(selfcheck)
-        if not ok:
-            print("memory columns are unreliable on this build (see above); use --no-memory", file=sys.stderr)
-
+    if args.plot_only:
+        return run.replot()
+    run.start()
+    device = run.device
+    print(f"qstar_kernels backends here: {qstar_kernels.available_backends(device)}")
+    selfcheck = run.memory_selfcheck()
     names = resolve_providers(args.providers, device)
-    configs = [
-        {
-            "B": args.B,
-            "Hq": args.Hq,
-            "Hkv": args.Hkv,
-            "D": args.D,
-            "dtype": _canon(args.dtype),
-            "L": L,
-            "depth": a,
-        }
-        for L in args.L
-        for a in args.depths
-    ]
+    shape = {"B": args.B, "Hq": args.Hq, "Hkv": args.Hkv, "D": args.D, "dtype": args.dtype}
+    configs = [{**shape, "L": L, "depth": a} for L in args.L for a in args.depths]
     print(
         f"Providers: {', '.join(names)}; {len(configs)} configuration(s): "
         f"{', '.join('L={}/a={}'.format(c['L'], c['depth']) for c in configs)}; repeats {args.repeats}, "
         f"warmup {args.warmup}, cap {args.max_seconds:g} s per provider and mode"
     )
-
-    bar = None
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(configs), desc="configs", file=sys.stderr, dynamic_ncols=True, leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
-    if bar is not None:
-        progress = bar.set_postfix_str
-    else:  # a log file: one line per phase, with the elapsed time
-
-        def progress(msg):
-            log.info("[%5.1f s] %s", time.perf_counter() - t_start, msg)
-
-    all_rows = []
-    for cfg in configs:
-        all_rows += run_config(cfg, names, device, args, progress)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-
-    claims = check_claims(all_rows, device)
-    wall = time.perf_counter() - t_start
-    print(f"\n== Thought attention: {device.type}, {format_machine(info)}")
-    print(format_table(all_rows))
-    print()
-    print(NOTE)
-    print()
+    all_rows = [r for cfg in configs for r in run_config(cfg, names, device, args, run.progress)]
     # The analytic model: beside the measurements on a GPU (model columns), on its own elsewhere.
     model_rows = attention_model.model_table(GPU_CLAIM)
-    print(attention_model.format_model(model_rows))
-    print(attention_model.format_ratios(attention_model.ratios(model_rows)))
-    print(format_claims(claims))
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_csv(stem + ".csv", all_rows, CSV_FIELDS)
-    write_json(
-        stem + ".json",
-        {
-            "benchmark": "mask_attention",
-            "machine": info,
-            "mode": "full" if args.full else "quick",
-            "args": {k: v for k, v in vars(args).items()},
-            "providers": names,
-            "memory_method": mem_method,
-            "memory_selfcheck": selfcheck,
-            "note": NOTE,
-            "claims": claims,
-            "analytic_model": {"machine": attention_model.MACHINE, "rows": model_rows},
-            "rows": all_rows,
-            "wall_s": wall,
-        },
+    report = "\n\n".join(
+        [
+            format_table(all_rows, run),
+            NOTE,
+            attention_model.format_model(model_rows),
+            attention_model.format_ratios(attention_model.ratios(model_rows)),
+        ]
     )
-    outputs = [stem + ".csv", stem + ".json"]
-    if not args.no_plot:
-        try:
-            from plot import plot_results
-
-            outputs.append(plot_results(stem + ".csv", stem + ".png", title_suffix=format_machine(info)))
-        except Exception as exc:  # noqa: BLE001
-            print(f"plot failed: {exc}", file=sys.stderr)
-    print(f"\nwrote {', '.join(os.path.relpath(p) for p in outputs)}; wall {wall:.0f} s")
-    # --check: every claim that can be checked on this device must PASS (the GPU claims are N/A on
-    # a CPU run and are left out there; the CPU claims are about the CPU).
-    relevant = [c for c in claims if c.get("gpu", False) == (device.type == "cuda")]
-    if args.check and any(c["result"] != "PASS" for c in relevant):
-        return 1
-    return 0
-
-
-def _canon(dtype: str) -> str:
-    return str(DTYPES[dtype]).replace("torch.", "")
+    claims = check_claims(all_rows)
+    memory_method = (
+        "torch.cuda.max_memory_allocated delta"
+        if device.type == "cuda"
+        else "torch.profiler(profile_memory=True) allocator records, peak of the running sum"
+    )
+    return run.finish(
+        all_rows,
+        claims,
+        report=report,
+        config={"mode": "full" if args.full else "quick", "providers": names, "memory_method": memory_method},
+        checks={"memory_selfcheck": selfcheck},
+        extra={"analytic_model": {"machine": attention_model.MACHINE, "rows": model_rows}},
+        # --check: the GPU claims are N/A on a CPU run and left out there; the CPU claims are about the CPU.
+        checked=[c for c in claims if c.get("gpu", False) == (device.type == "cuda")],
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Validate the CPU peak-memory method of ``_common.peak_extra_memory``.
+"""Does the CPU peak-memory method of ``_common.peak_extra_memory`` see what it claims to see?
 
     python benchmarks/validate_memory.py            # ATen checks (seconds)
     python benchmarks/validate_memory.py --ext      # also build a tiny C++ extension (~30-60 s)
@@ -14,14 +14,11 @@ Checks that the profiler-based measurement sees:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from _common import cpu_memory_selfcheck, peak_extra_memory  # noqa: E402
+import torch
+from _common import cpu_memory_selfcheck, peak_extra_memory
 
 MIB = 1 << 20
 

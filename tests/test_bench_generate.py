@@ -10,15 +10,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "generate.py")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
+    # The script imports its shared modules (_common, _report, _models) by plain name, as it does
+    # when run from the command line.
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(BENCHMARKS, "generate.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -38,11 +42,15 @@ def test_generate_benchmark_runs_and_writes_its_files(tmp_path):
     assert got == {(p, n) for p in bench.PROVIDERS for n in (2, 3)}
     for r in data["rows"]:
         assert r["emitted"] == r["new_tokens"] and r["meta_emitted"] == 0, r
-        assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["median_ms"] > 0 and r["tokens_per_s"] > 0 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+        assert r["n"] == 1  # --repeats 1; the recompute providers run once anyway
         if r["provider"] in bench.THINKING:
             assert r["vs_ideal6_base_qstar"] > 0 and r["vs_ideal4_base_hf"] > 0  # 3 + 3 and 1 + 3 steps
-    assert data["ideal_steps"] == {"claim": 6, "strict": 4}
-    agree = data["agreement"]
+    assert data["benchmark"] == "generate" and data["question"].startswith("How fast")
+    assert data["machine"]["loadavg_after"] is not None or not hasattr(os, "getloadavg")
+    assert data["config"]["ideal_steps"] == {"claim": 6, "strict": 4}
+    assert data["config"]["args"]["sizes"] == [2, 3]
+    agree = data["checks"]["agreement"]
     assert agree["qstar_same_thought_as_fused"]
     for key in ("authors_vs_fused_logits_rel", "qstar_vs_fused_logits_rel", "base_qstar_vs_hf_logits_rel"):
         assert agree[key] < 1e-4, (key, agree[key])
