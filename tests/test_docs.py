@@ -7,7 +7,8 @@ What counts as a citation:
   ``*.py``, ``*.md``, ``*.cpp``, ``*.cu``, ``*.h`` files and the ``Makefile``, and written as a path:
   with a suffix, a trailing slash, a wildcard, or in quotes or backticks (so that prose such as
   "tests/tuning" is not one). A wildcard must match a file; ``{a,b}`` is expanded; a path template
-  (``..._<device>``, ``[_quick]``) names a file written at run time, so only its folder must exist;
+  (``..._<device>``, ``[_quick]``, an f-string field ``{name}``) names a file written at run time, so
+  only its folder must exist;
 * a design note named without its folder (the old notes lived outside the repository): it must be
   written as ``docs/<page>.md`` (or, inside ``docs/``, as a sibling link);
 * an absolute path of a development machine, which is never a valid citation;
@@ -105,6 +106,9 @@ def cited_paths(text: str) -> list[tuple[int, str, str]]:
             if not (quoted or path.endswith("/") or "." in last or "*" in last or after in ("<", "[")):
                 continue
             kind = "template" if after in ("<", "[") else "path"
+            placeholder = re.search(r"\{[^{},]*\}", path)  # an f-string field such as {name}
+            if placeholder:
+                path, kind = path[: placeholder.start()], "template"
             found.append((lineno, path, kind))
     return found
 
@@ -270,6 +274,7 @@ def test_cited_paths_finds_what_it_should(tmp_path):
         "written to benchmarks/results/gpu_check_<device>/ and benchmarks/results/y_<device>[_quick].csv\n"
         "not: github.com/owner/qstar/model.py, runs/qstar/x, my_tests/a.py, qstar.model, tests_x/y\n"
         "knobs for tests/tuning, but `csrc/cpu` and 'tests/fixtures' are folders\n"
+        'out = f"benchmarks/results/{name}_cpu.csv"\n'
     )
     assert cited_paths(text) == [
         (1, "qstar/model.py", "path"),
@@ -279,6 +284,7 @@ def test_cited_paths_finds_what_it_should(tmp_path):
         (2, "benchmarks/results/y_", "template"),
         (4, "csrc/cpu", "path"),
         (4, "tests/fixtures", "path"),
+        (5, "benchmarks/results/", "template"),
     ]
     (tmp_path / "qstar").mkdir()
     (tmp_path / "qstar" / "model.py").write_text("")
