@@ -12,7 +12,10 @@ What counts as a citation:
 * a design note named without its folder (the old notes lived outside the repository): it must be
   written as ``docs/<page>.md`` (or, inside ``docs/``, as a sibling link);
 * an absolute path of a development machine, which is never a valid citation;
-* a relative link in ``README.md`` or ``docs/*.md``, including its ``#anchor``.
+* a relative link in ``README.md`` or ``docs/*.md``, including its ``#anchor``;
+* a heading cited beside a page, as in ``docs/kernels.md``, "Contract: thought attention" or
+  docs/kernels.md ("Contract: thought attention"): the page must have that heading (case and
+  backticks aside).
 
 The README is the front door and stays short.
 """
@@ -58,6 +61,8 @@ _NOTE = re.compile(r"(?<![\w\-])([\w./\-]*?)\b(kernels|quietstar|style|environme
 _ABSOLUTE = re.compile(r"(?<![\w.:/~\-])/(?:work|home|Users|root|mnt)/[\w.\-]+")
 # A Markdown link or image: [text](target) with an optional "title".
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+# A page cited with a heading on the same line: docs/x.md``, "Heading" or docs/x.md ("Heading").
+_HEADING_CITE = re.compile(r"(?<![\w./\-])(docs/[\w\-]+\.md)`*,?\s*\(?\s*\"([^\"]+)\"")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
@@ -202,6 +207,27 @@ def broken_links(md: Path, root: Path = ROOT) -> list[tuple[int, str, str]]:
     return bad
 
 
+def headings(md: Path) -> set[str]:
+    """The headings of a Markdown page, lower-cased, backticks removed."""
+    out = set()
+    in_fence = False
+    for line in md.read_text(encoding="utf-8").splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence and (m := _HEADING.match(line)):
+            out.add(m.group(2).replace("`", "").strip().lower())
+    return out
+
+
+def cited_headings(text: str) -> list[tuple[int, str, str]]:
+    """``(line, page, heading)`` for every page cited together with one of its headings."""
+    return [
+        (lineno, m.group(1), m.group(2))
+        for lineno, line in enumerate(text.splitlines(), 1)
+        for m in _HEADING_CITE.finditer(line)
+    ]
+
+
 def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
@@ -240,6 +266,16 @@ def test_no_absolute_paths():
     for path in scanned_files():
         for lineno, cited in absolute_paths(path.read_text(encoding="utf-8", errors="replace")):
             problems.append(f"{_rel(path)}:{lineno}: {cited}")
+    assert not problems, _report(problems)
+
+
+def test_cited_headings_exist():
+    problems = []
+    for path in scanned_files():
+        for lineno, page, heading in cited_headings(path.read_text(encoding="utf-8", errors="replace")):
+            target = ROOT / page
+            if target.exists() and heading.replace("`", "").strip().lower() not in headings(target):
+                problems.append(f'{_rel(path)}:{lineno}: {page} has no heading "{heading}"')
     assert not problems, _report(problems)
 
 
@@ -311,6 +347,21 @@ def test_note_and_absolute_rules_can_fail():
     assert bare_note_citations("[the kernels](kernels.md)", in_docs=True) == []
     assert bare_note_citations("[the kernels](kernels.md)", in_docs=False) == [(1, "kernels.md")]
     assert absolute_paths(text) == [(2, "/work/main"), (2, "/home/me")]
+
+
+def test_cited_headings_can_fail(tmp_path):
+    text = (
+        'see ``docs/kernels.md``, "Contract: thought attention" and docs/algorithm.md ("The mixing head")\n'
+        'docs/kernels.md, "Thought attention"; not a heading: docs/kernels.md for what was run, "x"\n'
+    )
+    assert cited_headings(text) == [
+        (1, "docs/kernels.md", "Contract: thought attention"),
+        (1, "docs/algorithm.md", "The mixing head"),
+        (2, "docs/kernels.md", "Thought attention"),
+    ]
+    page = tmp_path / "kernels.md"
+    page.write_text("# Kernels\n\n## Contract: `thought_attention`\n```\n# not a heading\n```\n")
+    assert headings(page) == {"kernels", "contract: thought_attention"}
 
 
 @pytest.mark.parametrize(
