@@ -4,7 +4,7 @@ thought before every token, and print what the model thought.
     python -m qstar.generate_cli --model runs/x --prompt "Q: 17+25=" --show-thoughts --compare
     python -m qstar.generate_cli --model tiny --prompt "hello" --max-new-tokens 16
 
-``--model`` takes what :func:`qstar.eval.load_model` takes. ``--compare`` also generates without
+``--model`` takes what :func:`qstar.loading.load_model` takes. ``--compare`` also generates without
 thoughts (the base model, the same seed); ``--json`` writes every prompt's text, tokens, thoughts
 and mixing weights.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .generation import generate
+from .loading import load_model
 
 
 def parse_args(argv=None):
@@ -50,8 +51,6 @@ def main(argv=None) -> list[dict]:
     """Run the CLI; returns one record per prompt and mode (what ``--json`` writes)."""
     import json
     import sys
-
-    from .eval import load_model
 
     args = parse_args(argv)
     prompts = list(args.prompt or [])

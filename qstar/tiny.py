@@ -4,7 +4,7 @@ The tokenizer is a real Hugging Face ``PreTrainedTokenizerFast`` (a ``tokenizers
 over single characters), so everything that takes a tokenizer takes it: ``encode``, ``decode``,
 ``save_pretrained``/``from_pretrained``, ``add_special_tokens``. Every printable ASCII character,
 newline and tab is one token; anything else is ``<unk>``. ``"---"`` encodes to three hyphen tokens,
-which is what the meta embeddings are initialised from (``quietstar.md`` section 5).
+which is what the meta embeddings are initialised from (``docs/algorithm.md``, "Meta tokens").
 
     from qstar.tiny import tiny_tokenizer, tiny_mistral
     tok = tiny_tokenizer()

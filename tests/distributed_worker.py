@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 import qstar.train as T
+from qstar.distributed import setup_distributed, wrap_model
+from qstar.loading import build_model
 from qstar.tiny import tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -58,16 +60,16 @@ def main(mode: str, out: Path) -> None:
 
     mode, _, unit = mode.partition(":")
     unit = unit or "model"
-    dist = T.setup_distributed(mode, "cpu")
+    dist = setup_distributed(mode, "cpu")
     rank, world = dist.rank, dist.world_size
     results = {}
     for ckpt in (False, True):
         method = dataclasses.replace(test_method(), gradient_checkpointing=ckpt)
-        model = T.build_model(T.RunConfig(model="tiny"), method, seed=0)
+        model = build_model("tiny", method, seed=0)
         ids, thoughts = global_batch(method)
         per = ids.shape[0] // world
         rows = per * method.n_rationales
-        model = T.wrap_model(model, dist, fsdp_unit=unit)
+        model = wrap_model(model, dist, fsdp_unit=unit)
         if mode == "fsdp2":
             from torch.distributed.fsdp import FSDPModule
 

@@ -345,7 +345,7 @@ def test_cot_stop_rules_and_vote_on_scripted_samples(monkeypatch):
                 tokens=torch.tensor([s[k] if k < len(s) else model_.pad_token_id for s in script])
             )
 
-    monkeypatch.setattr(ev, "stream", fake_stream)
+    monkeypatch.setattr(ev.cot, "stream", fake_stream)  # what evaluate_cot samples with
     res = ev.evaluate_cot(
         model, ["What is 2+3?"], [5], think=True, votes=3, max_new_tokens=40, answer_tokens=6, batch_size=3
     )
@@ -513,7 +513,7 @@ def test_bad_inputs_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--tasks perplexity needs --text"):
         ev.run(ev.parse_args(["--model", "tiny", "--tasks", "perplexity"]))
     with pytest.raises(ValueError, match="--digit-ids must be comma-separated"):
-        ev._int_list("1,x", "--digit-ids")
+        ev.command._int_list("1,x", "--digit-ids")
 
 
 def test_datasets_names_read_the_cache(monkeypatch):
@@ -560,41 +560,6 @@ def test_cot_subset_is_the_datasets_shuffle():
     assert ev.shuffled_indices(4, None) == [0, 1, 2, 3]
 
 
-def test_load_model_from_each_layout(tmp_path):
-    from safetensors.torch import save_file
-
-    model = tiny_model(thought_temperature=0.0)
-    prompts = [ev.gsm8k_direct_prompt("2+2?", "#### 4"), ev.gsm8k_direct_prompt("9+9?", "#### 18")]
-    want = ev.evaluate_direct(model, prompts)
-    # save_pretrained, found directly, as a trainer checkpoint's model/ and through an output dir's latest
-    model.save_pretrained(tmp_path / "run" / "checkpoint-3" / "model")
-    (tmp_path / "run" / "latest").write_text("checkpoint-3\n")
-    for spec in ("run/checkpoint-3/model", "run/checkpoint-3", "run"):
-        loaded = ev.load_model(str(tmp_path / spec))
-        got = ev.evaluate_direct(loaded, prompts)
-        assert (got.with_thoughts, got.without_thoughts) == (want.with_thoughts, want.without_thoughts), spec
-    # the authors' layout: Mistral weights + start/end_embedding + talk_head.0.* in one state dict
-    authors = tmp_path / "authors"
-    authors.mkdir()
-    model.base_model.config.save_pretrained(authors)
-    model.tokenizer.save_pretrained(authors)
-    cfg = json.loads((authors / "config.json").read_text())
-    cfg.update({"n_ahead": 5})  # 2 thought tokens, as the model's config
-    (authors / "config.json").write_text(json.dumps(cfg))
-    state = {k: v.detach().clone().contiguous() for k, v in model.base_model.state_dict().items()}
-    state["start_embedding"] = model.start_embedding.detach().clone()
-    state["end_embedding"] = model.end_embedding.detach().clone()
-    state.update({f"talk_head.0.{k}": v.clone() for k, v in model.mixing_head.state_dict().items()})
-    save_file(state, str(authors / "model.safetensors"))
-    loaded = ev.load_model(str(authors))
-    assert loaded.config.n_thought_tokens == 2
-    got = ev.evaluate_direct(loaded, prompts)
-    assert got.with_thoughts == pytest.approx(want.with_thoughts, rel=1e-6)
-    assert got.without_thoughts == pytest.approx(want.without_thoughts, rel=1e-6)
-    with pytest.raises(ValueError, match="--model '.*nowhere': not 'tiny'"):
-        ev.load_model(str(tmp_path / "nowhere"))
-
-
 # --------------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------------
@@ -630,7 +595,7 @@ def test_cli_on_the_fixtures_writes_json_and_png(tmp_path):
 def test_console_script_entry_point_returns_zero(monkeypatch):
     assert 'qstar-eval = "qstar.eval:cli"' in (ROOT / "pyproject.toml").read_text()
     seen = []
-    monkeypatch.setattr(ev, "main", lambda argv: seen.append(argv) or {"tasks": {}})
+    monkeypatch.setattr(ev.command, "main", lambda argv: seen.append(argv) or {"tasks": {}})
     monkeypatch.setattr(sys, "argv", ["qstar-eval", "--model", "tiny"])
     assert ev.cli() == 0 and seen == [["--model", "tiny"]]
 

@@ -27,7 +27,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-import qstar.train as T  # noqa: E402
+from qstar.loading import build_model  # noqa: E402
+from qstar.metrics import read_metrics  # noqa: E402
 from qstar.model import QuietStarForCausalLM  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 
 def reference_gradients(ckpt: bool) -> dict:
     method = dataclasses.replace(W.test_method(), gradient_checkpointing=ckpt)
-    model = T.build_model(T.RunConfig(model="tiny"), method, seed=0)
+    model = build_model("tiny", method, seed=0)
     model.train()
     ids, thoughts = W.global_batch(method)
     model(ids, thought_tokens=thoughts).loss.backward()
@@ -80,7 +81,7 @@ def test_two_processes_match_one_and_train(mode, tmp_path, reference):
                 torch.testing.assert_close(got[ckpt][name], g, rtol=1e-4, atol=1e-6, msg=f"{mode} {name}")
 
     run = tmp_path / "run"
-    rows = T.read_metrics(run / "metrics.csv")
+    rows = read_metrics(run / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert (run / "latest").read_text().strip() == "checkpoint-3"
