@@ -110,7 +110,7 @@ QSTAR_AI double vexp(double x) { return std::exp(x); }
 // The maximum of the row and whether it holds a NaN.
 template <typename T>
 QSTAR_AI T body_max(const T* __restrict z, int64_t n, bool& has_nan) {
-  T m = -std::numeric_limits<T>::infinity();
+  T m = neg_inf<T>();
   int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) {
@@ -143,7 +143,7 @@ QSTAR_AI T body_lse(const T* __restrict z, int64_t n, T scale) {
   bool has_nan = false;
   const T m = body_max(z, n, has_nan);
   if (has_nan || m == std::numeric_limits<T>::infinity()) return std::numeric_limits<T>::quiet_NaN();
-  if (m == -std::numeric_limits<T>::infinity()) return m;  // every id banned (in this tile)
+  if (m == neg_inf<T>()) return m;  // every id banned (in this tile)
   const double s = body_sum_exp(z, n, m, scale);
   return static_cast<T>(static_cast<double>(m) * scale + std::log(s));
 }
@@ -151,7 +151,7 @@ QSTAR_AI T body_lse(const T* __restrict z, int64_t n, T scale) {
 // The first index of the maximum of key[0, n) if it exceeds best (updating best), else -1.
 template <typename T>
 QSTAR_AI int64_t body_block_argmax(const T* __restrict key, int64_t n, T& best) {
-  T m = -std::numeric_limits<T>::infinity();
+  T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = key[j] > m ? key[j] : m;
   if (!(m > best)) return -1;
@@ -193,7 +193,7 @@ QSTAR_AI void body_noise_block(float* __restrict g, int64_t v0, uint32_t row, ui
 template <typename T>
 QSTAR_AI int64_t body_sample(const T* __restrict z, int64_t n, int64_t v0, T inv_t, uint32_t row,
                                 uint32_t k0, uint32_t k1, T& best) {
-  best = -std::numeric_limits<T>::infinity();
+  best = neg_inf<T>();
   int64_t token = 0;
   if (inv_t == T(0)) {
     for (int64_t b = 0; b < n; b += kNoiseBlock) {
@@ -298,7 +298,7 @@ Span banned_in(const std::vector<int64_t>& banned, int64_t v0, int64_t vc) {
 template <typename T>
 void ban(T* z, int64_t rows, int64_t vc, int64_t v0, Span s) {
   for (const int64_t* p = s.lo; p != s.hi; ++p)
-    for (int64_t r = 0; r < rows; ++r) z[r * vc + (*p - v0)] = -std::numeric_limits<T>::infinity();
+    for (int64_t r = 0; r < rows; ++r) z[r * vc + (*p - v0)] = neg_inf<T>();
 }
 
 // Forward: lse over each unit's ids (and, when sampling, the best key and its id), into the
@@ -347,13 +347,13 @@ void forward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64
   at::parallel_for(0, p.n, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       // Online log-sum-exp over the units in vocabulary order (NaN stays NaN), in double.
-      double acc = -std::numeric_limits<double>::infinity();
+      double acc = neg_inf<double>();
       for (int64_t u = 0; u < p.units; ++u) {
         acc = lse_merge_nan(acc, static_cast<double>(pl[u * p.n + i]));
       }
       lse[i] = static_cast<T>(acc);
       if (sampling) {
-        T best = -std::numeric_limits<T>::infinity();
+        T best = neg_inf<T>();
         int64_t tok = 0;
         for (int64_t u = 0; u < p.units; ++u) {
           if (pk[u * p.n + i] > best) {  // strict: the earlier block keeps a tie

@@ -734,7 +734,7 @@ Checked check_common(const char* fn, const at::Tensor& q, const at::Tensor& k, c
     TORCH_CHECK(kp.dim() == 2 && kp.size(0) == B && kp.size(1) == L, fn,
                 ": keep must have shape (B, L) = (", B, ", ", L, "), got ", kp.sizes());
     c.bias = at::zeros({B, L}, q.options())
-                 .masked_fill_(kp.logical_not(), -std::numeric_limits<double>::infinity());
+                 .masked_fill_(kp.logical_not(), neg_inf<double>());
   }
   return c;
 }
@@ -778,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor> thought_attention_fwd(const at::Tensor& q, co
   at::Tensor lse = poisoned(at::empty({g.B, g.Hq, g.L}, q.options()));
   if (q.numel() == 0 || g.units == 0) {
     out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    lse.fill_(neg_inf<double>());
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "thought_attention_fwd", [&] {

@@ -23,9 +23,9 @@
 // * Tile matmuls (block_mm): float16/bfloat16 on the tensor cores (WMMA m16n16k16, float32
 //   accumulators, operands and accumulators in shared memory), float32 in plain FMA (SIMT).
 // * The per-element softmax maths is common/softmax_math.h, the same functions the CPU kernels
-//   run (tests/test_cpu_kernel.py exercises them there).
+//   run (tests/test_shared_math.py runs them on the CPU in this file's sequence).
 // * Shared memory is dynamic; its size per instance is a constexpr of the tile config, capped at
-//   100 KB by a static_assert and reported by thought_attention_launch_table() for the resource
+//   99 KB by a static_assert and reported by thought_attention_launch_table() for the resource
 //   test (tests/test_cuda_build.py).
 #include <mma.h>
 
