@@ -82,7 +82,7 @@ def _extensions():
     debug = os.environ.get("QSTAR_DEBUG_BUILD") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx_flags = opt + ["-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))
+    headers = sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.cuh") for p in (ROOT / "csrc").rglob(ext))
     exts = [
         CppExtension(
             name="qstar_kernels._C",

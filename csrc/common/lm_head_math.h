@@ -1,6 +1,7 @@
-// Per-element maths of the fused LM-head ops (kernels.md section 2), shared by the CPU kernels
-// (csrc/cpu/lm_head.cpp) and the CUDA kernels (csrc/cuda/mixing.cu), so that the CPU tests
-// exercise the arithmetic the GPU runs. Plain inline functions on scalars, no torch.
+// Per-element maths of the fused LM-head ops (docs/kernels.md, "Mixed LM-head log-probabilities"),
+// shared by the CPU kernels (csrc/cpu/lm_head.cpp) and the CUDA kernels (csrc/cuda/mixing.cu), so
+// that the CPU tests exercise the arithmetic the GPU runs. Plain inline functions on scalars, no
+// torch.
 #pragma once
 
 #include "common/softmax_math.h"

@@ -9,11 +9,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define QSTAR_PHILOX_HD __host__ __device__ __forceinline__
-#else
-#define QSTAR_PHILOX_HD inline __attribute__((always_inline))
-#endif
+#include "common/host_device.h"
 
 namespace qstar {
 
@@ -23,7 +19,7 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
 // Ten rounds on the counter (c0, c1, c2, c3) with key (k0, k1), in place.
-QSTAR_PHILOX_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
+QSTAR_HD_INLINE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
                                    uint32_t k0, uint32_t k1) {
   for (int r = 0; r < 10; ++r) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
@@ -40,7 +36,7 @@ QSTAR_PHILOX_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uin
 }
 
 // The open-interval uniform of one 32-bit word: 23 bits, (2k + 1) / 2^24, exact in float32.
-QSTAR_PHILOX_HD float philox_word_to_open_uniform(uint32_t x) {
+QSTAR_HD_INLINE float philox_word_to_open_uniform(uint32_t x) {
   return static_cast<float>(((x >> 9) << 1) | 1u) * 5.9604644775390625e-08f;  // 2^-24
 }
 

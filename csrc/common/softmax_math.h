@@ -1,4 +1,4 @@
-// Online-softmax / log-sum-exp helpers shared by the CPU and (later) CUDA kernels.
+// Online-softmax / log-sum-exp helpers shared by the CPU and CUDA kernels.
 //
 // Plain inline functions on scalars: no torch, no std containers, so that nvcc can compile them
 // for the device. Every function here treats -inf as "nothing seen yet" and never produces a NaN
@@ -8,11 +8,7 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__CUDACC__)
-#define QSTAR_HD __host__ __device__
-#else
-#define QSTAR_HD
-#endif
+#include "common/host_device.h"
 
 namespace qstar {
 

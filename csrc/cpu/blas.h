@@ -1,17 +1,19 @@
-// The BLAS that torch itself links (MKL on x86-64), found at run time, for the CPU kernels.
+// The GEMM of the CPU kernels: the BLAS that torch itself links (MKL on x86-64), found at run time.
 //
 // The kernels call sgemm_/dgemm_ single-threaded from inside their own OpenMP regions, so they
 // look the symbols up with dlsym (no link-time BLAS dependency) and keep MKL on one thread while a
-// BlasOneThread guard lives. QSTAR_CPU_NO_BLAS=1 hides the BLAS (the kernels then fall back to
-// at::addmm), which the tests use to run that path.
+// BlasOneThread guard lives. QSTAR_CPU_NO_BLAS=1 hides the BLAS (gemm() then falls back to
+// at::addmm_), which the tests use to run that path. Both kernels multiply through gemm() below.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <dlfcn.h>
 
 #include <bit>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
+
+#include "cpu/platform.h"
 
 namespace qstar::cpu {
 
@@ -46,8 +48,7 @@ inline void* find_blas_symbol(const char* name) {
 inline const Blas& blas() {
   static const Blas b = [] {
     Blas r;
-    const char* off = std::getenv("QSTAR_CPU_NO_BLAS");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return r;
+    if (env_flag("QSTAR_CPU_NO_BLAS")) return r;
     r.sgemm = reinterpret_cast<gemm_fn<float>>(find_blas_symbol("sgemm_"));
     r.dgemm = reinterpret_cast<gemm_fn<double>>(find_blas_symbol("dgemm_"));
     r.set_threads_local =
@@ -58,7 +59,8 @@ inline const Blas& blas() {
 }
 
 // Keeps MKL single-threaded on this thread while it lives (the kernels parallelise outside the
-// GEMMs). Restoring 0 restores the global setting.
+// GEMMs), through MKL_Set_Num_Threads_Local, the C entry point (the lowercase name is MKL's Fortran
+// one, which takes a pointer). Restoring 0 restores the global setting.
 class BlasOneThread {
  public:
   BlasOneThread() : fn_(blas().set_threads_local) {
@@ -74,5 +76,50 @@ class BlasOneThread {
   set_threads_fn fn_;
   int prev_ = 0;
 };
+
+// The ATen dtype of the kernels' value type (float32 or float64).
+template <typename T>
+constexpr at::ScalarType scalar_type_of() {
+  return std::is_same_v<T, float> ? at::kFloat : at::kDouble;
+}
+
+// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, where op(A) is M x K and op(B) is K x N.
+// ta: A is stored K x M (leading dimension lda), else M x K; tb: B is stored N x K, else K x N.
+// In order: nothing for an empty C; C = beta * C for K == 0 (0 for beta == 0: C may hold garbage,
+// even NaN); sgemm_/dgemm_ when the BLAS was found; else at::addmm_ on from_blob views.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        T& c = C[i * ldc + j];
+        c = beta == T(0) ? T(0) : beta * c;
+      }
+    return;
+  }
+  gemm_fn<T> f = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    f = blas().sgemm;
+  } else {
+    f = blas().dgemm;
+  }
+  if (f != nullptr) {
+    // Column-major BLAS sees the row-major C as C^T = op(B)^T op(A)^T, an N x M product.
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    const blas_int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
+    f(&cb, &ca, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
+  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {M, K}, {1, lda}, opts)
+                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {K, N}, {1, ldb}, opts)
+                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) c.zero_();  // C may hold garbage (even NaN) before a beta = 0 product
+  c.addmm_(a, b, beta, alpha);
+}
 
 }  // namespace qstar::cpu

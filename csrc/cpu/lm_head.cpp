@@ -21,9 +21,8 @@
 //   exp(z * scale - lse)), then grad_weight[block] (+)= z^T h_rows (the unit owns that block: no
 //   race) and tmp = z W_block, added into grad_h[rows] under that row block's lock (a cheap
 //   Rb x H add next to the GEMMs; threads start at different row blocks).
-// * GEMMs: the Fortran sgemm_/dgemm_ that libtorch_cpu exports (MKL), found with dlsym and kept
-//   single-threaded inside the parallel region (MKL_Set_Num_Threads_Local); without them (or with
-//   QSTAR_CPU_NO_BLAS=1) at::mm_out on views.
+// * GEMMs: gemm() of cpu/blas.h, single-threaded inside the parallel region (torch's own BLAS,
+//   or at::addmm_ without it).
 // * float32 runs vectorised loops compiled per ISA (target_clones: avx512f / avx2 / default) with
 //   polynomial exp and log written for the vectoriser (relative error about 1e-7); float64 uses
 //   std::exp / std::log (the noise is float32 by definition, in both).
@@ -35,30 +34,22 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "common/lm_head_math.h"
-#include "cpu/blas.h"
 #include "common/philox.h"
+#include "common/poison.h"
+#include "cpu/blas.h"
+#include "cpu/platform.h"
 
 namespace qstar::cpu {
 namespace {
-
-#define QSTAR_LM_AI inline __attribute__((always_inline))
-#if defined(__x86_64__) || defined(__i386__)
-#define QSTAR_LM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QSTAR_LM_CLONES
-#endif
 
 constexpr int kNoiseBlock = 256;  // ids per Philox block (64 counters x 4 words)
 
@@ -70,7 +61,7 @@ constexpr int kNoiseBlock = 256;  // ids per Philox block (64 counters x 4 words
 // error below 1e-8), and 2^n built in the exponent bits. Inputs below -88 (including -inf) give
 // exactly 0 (n = -127 makes the bit pattern of +0), inputs above 88 are clamped, NaN stays NaN
 // (both clamps are written so that a NaN fails their comparison and passes through).
-QSTAR_LM_AI float exp_f32(float x) {
+QSTAR_AI float exp_f32(float x) {
   float xc = x < -88.0f ? -88.0f : x;
   xc = xc > 88.0f ? 88.0f : xc;
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
@@ -90,7 +81,7 @@ QSTAR_LM_AI float exp_f32(float x) {
 // log(x) for positive normal x (the only inputs it gets: uniforms in (0, 1) and their -log):
 // x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172,
 // by its odd series up to s^9 (truncation below 3e-9 relative).
-QSTAR_LM_AI float log_f32(float x) {
+QSTAR_AI float log_f32(float x) {
   const int32_t bits = std::bit_cast<int32_t>(x);
   int32_t e = ((bits >> 23) & 0xFF) - 127;
   float m = std::bit_cast<float>((bits & 0x007FFFFF) | 0x3F800000);  // [1, 2)
@@ -109,8 +100,8 @@ QSTAR_LM_AI float log_f32(float x) {
   return fe * 0.693359375f + (fe * -2.12194440e-4f + (2.0f * s + s * s2 * p));
 }
 
-QSTAR_LM_AI float vexp(float x) { return exp_f32(x); }
-QSTAR_LM_AI double vexp(double x) { return std::exp(x); }
+QSTAR_AI float vexp(float x) { return exp_f32(x); }
+QSTAR_AI double vexp(double x) { return std::exp(x); }
 
 // ------------------------------------------------------------------------------------------------
 // Row bodies (templated on the value type; the float32 ones are instantiated per ISA below)
@@ -118,8 +109,8 @@ QSTAR_LM_AI double vexp(double x) { return std::exp(x); }
 
 // The maximum of the row and whether it holds a NaN.
 template <typename T>
-QSTAR_LM_AI T body_max(const T* __restrict z, int64_t n, bool& has_nan) {
-  T m = -std::numeric_limits<T>::infinity();
+QSTAR_AI T body_max(const T* __restrict z, int64_t n, bool& has_nan) {
+  T m = neg_inf<T>();
   int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) {
@@ -133,7 +124,7 @@ QSTAR_LM_AI T body_max(const T* __restrict z, int64_t n, bool& has_nan) {
 
 // sum_j exp((z[j] - m) * scale), float blocks accumulated in a double.
 template <typename T>
-QSTAR_LM_AI double body_sum_exp(const T* __restrict z, int64_t n, T m, T scale) {
+QSTAR_AI double body_sum_exp(const T* __restrict z, int64_t n, T m, T scale) {
   double total = 0.0;
   constexpr int64_t kBlock = 512;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -148,19 +139,19 @@ QSTAR_LM_AI double body_sum_exp(const T* __restrict z, int64_t n, T m, T scale) 
 
 // logsumexp_j(z[j] * scale): NaN for a row with a NaN or +inf, -inf for a row of -inf only.
 template <typename T>
-QSTAR_LM_AI T body_lse(const T* __restrict z, int64_t n, T scale) {
+QSTAR_AI T body_lse(const T* __restrict z, int64_t n, T scale) {
   bool has_nan = false;
   const T m = body_max(z, n, has_nan);
   if (has_nan || m == std::numeric_limits<T>::infinity()) return std::numeric_limits<T>::quiet_NaN();
-  if (m == -std::numeric_limits<T>::infinity()) return m;  // every id banned (in this tile)
+  if (m == neg_inf<T>()) return m;  // every id banned (in this tile)
   const double s = body_sum_exp(z, n, m, scale);
   return static_cast<T>(static_cast<double>(m) * scale + std::log(s));
 }
 
 // The first index of the maximum of key[0, n) if it exceeds best (updating best), else -1.
 template <typename T>
-QSTAR_LM_AI int64_t body_block_argmax(const T* __restrict key, int64_t n, T& best) {
-  T m = -std::numeric_limits<T>::infinity();
+QSTAR_AI int64_t body_block_argmax(const T* __restrict key, int64_t n, T& best) {
+  T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = key[j] > m ? key[j] : m;
   if (!(m > best)) return -1;
@@ -171,7 +162,7 @@ QSTAR_LM_AI int64_t body_block_argmax(const T* __restrict key, int64_t n, T& bes
 }
 
 // Gumbel noise of ids [v0, v0 + 256) of one row (v0 a multiple of 4) into g (256 floats).
-QSTAR_LM_AI void body_noise_block(float* __restrict g, int64_t v0, uint32_t row, uint32_t k0,
+QSTAR_AI void body_noise_block(float* __restrict g, int64_t v0, uint32_t row, uint32_t k0,
                                   uint32_t k1) {
   constexpr int kCounters = kNoiseBlock / 4;
   uint32_t w[4][kCounters];
@@ -200,9 +191,9 @@ QSTAR_LM_AI void body_noise_block(float* __restrict g, int64_t v0, uint32_t row,
 // The sampled id (relative to z) of one row of ids [v0, v0 + n): argmax of z * inv_t + G
 // (inv_t > 0) or of z (inv_t == 0); its key goes to best (-inf if no key beats -inf).
 template <typename T>
-QSTAR_LM_AI int64_t body_sample(const T* __restrict z, int64_t n, int64_t v0, T inv_t, uint32_t row,
+QSTAR_AI int64_t body_sample(const T* __restrict z, int64_t n, int64_t v0, T inv_t, uint32_t row,
                                 uint32_t k0, uint32_t k1, T& best) {
-  best = -std::numeric_limits<T>::infinity();
+  best = neg_inf<T>();
   int64_t token = 0;
   if (inv_t == T(0)) {
     for (int64_t b = 0; b < n; b += kNoiseBlock) {
@@ -227,23 +218,23 @@ QSTAR_LM_AI int64_t body_sample(const T* __restrict z, int64_t n, int64_t v0, T 
 
 // z <- coef * (onehot(index) - exp(z * scale - lse)).
 template <typename T>
-QSTAR_LM_AI void body_grad_row(T* __restrict z, int64_t n, int64_t index, T coef, T scale, T lse) {
+QSTAR_AI void body_grad_row(T* __restrict z, int64_t n, int64_t index, T coef, T scale, T lse) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) z[j] = logit_grad_from_prob(vexp(z[j] * scale - lse), coef, j == index);
 }
 
-QSTAR_LM_CLONES float row_lse_f32(const float* z, int64_t n, float scale) {
+QSTAR_CLONES float row_lse_f32(const float* z, int64_t n, float scale) {
   return body_lse(z, n, scale);
 }
-QSTAR_LM_CLONES int64_t row_sample_f32(const float* z, int64_t n, int64_t v0, float inv_t,
+QSTAR_CLONES int64_t row_sample_f32(const float* z, int64_t n, int64_t v0, float inv_t,
                                        uint32_t row, uint32_t k0, uint32_t k1, float& best) {
   return body_sample(z, n, v0, inv_t, row, k0, k1, best);
 }
-QSTAR_LM_CLONES void row_grad_f32(float* z, int64_t n, int64_t index, float coef, float scale,
+QSTAR_CLONES void row_grad_f32(float* z, int64_t n, int64_t index, float coef, float scale,
                                   float lse) {
   body_grad_row(z, n, index, coef, scale, lse);
 }
-QSTAR_LM_CLONES void noise_block_f32(float* g, int64_t v0, uint32_t row, uint32_t k0, uint32_t k1) {
+QSTAR_CLONES void noise_block_f32(float* g, int64_t v0, uint32_t row, uint32_t k0, uint32_t k1) {
   body_noise_block(g, v0, row, k0, k1);
 }
 
@@ -265,59 +256,13 @@ void row_grad(float* z, int64_t n, int64_t index, float coef, float scale, float
 }
 
 // ------------------------------------------------------------------------------------------------
-// BLAS (single-threaded calls from inside the parallel region)
-// ------------------------------------------------------------------------------------------------
-
-template <typename T>
-constexpr at::ScalarType scalar_of() {
-  return std::is_same_v<T, float> ? at::kFloat : at::kDouble;
-}
-
-// Row-major C (M x N) = A' B' + beta C, where A' = A (M x K, lda) or, with ta, A stored K x M;
-// B' = B (K x N, ldb) or, with tb, B stored N x K.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  gemm_fn<T> f = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    f = blas().sgemm;
-  } else {
-    f = blas().dgemm;
-  }
-  if (f != nullptr && K > 0) {
-    // Column-major BLAS sees the row-major C as C^T = B'^T A'^T.
-    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-    const blas_int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
-    const T one = 1;
-    f(&cb, &ca, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(scalar_of<T>());
-  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {M, K}, {1, lda}, opts)
-                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  at::Tensor bm = tb ? at::from_blob(const_cast<T*>(B), {K, N}, {1, ldb}, opts)
-                     : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) c.zero_();  // C may hold garbage (even NaN) before a beta = 0 product
-  c.addmm_(a, bm, beta, T(1));
-}
-
-// ------------------------------------------------------------------------------------------------
 // The passes
 // ------------------------------------------------------------------------------------------------
 
-std::atomic<bool> g_poison{false};
+PoisonSwitch poisoned;  // the test mode of these kernels (lm_head_set_poison)
 
 at::Tensor fresh(at::IntArrayRef shape, at::ScalarType dtype) {
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
-  if (g_poison.load(std::memory_order_relaxed) && t.numel() > 0) {
-    if (at::isFloatingType(dtype))
-      t.fill_(std::numeric_limits<double>::quiet_NaN());
-    else
-      t.fill_(-7);
-  }
-  return t;
+  return poisoned(at::empty(shape, at::TensorOptions().dtype(dtype)));
 }
 
 struct Plan {
@@ -353,7 +298,7 @@ Span banned_in(const std::vector<int64_t>& banned, int64_t v0, int64_t vc) {
 template <typename T>
 void ban(T* z, int64_t rows, int64_t vc, int64_t v0, Span s) {
   for (const int64_t* p = s.lo; p != s.hi; ++p)
-    for (int64_t r = 0; r < rows; ++r) z[r * vc + (*p - v0)] = -std::numeric_limits<T>::infinity();
+    for (int64_t r = 0; r < rows; ++r) z[r * vc + (*p - v0)] = neg_inf<T>();
 }
 
 // Forward: lse over each unit's ids (and, when sampling, the best key and its id), into the
@@ -362,7 +307,7 @@ template <typename T>
 void forward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64_t>& banned,
                   bool sampling, T lp_scale, T inv_t, uint32_t k0, uint32_t k1, T* lse,
                   int64_t* tokens) {
-  const at::ScalarType st = scalar_of<T>();
+  const at::ScalarType st = scalar_type_of<T>();
   at::Tensor part_lse = fresh({p.units, p.n}, st);
   at::Tensor part_key = fresh({sampling ? p.units : 0, p.n}, st);
   at::Tensor part_tok = fresh({sampling ? p.units : 0, p.n}, at::kLong);
@@ -382,7 +327,7 @@ void forward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64
       const Span bs = banned_in(banned, v0, vc);
       for (int64_t r0 = 0; r0 < p.n; r0 += p.rb) {
         const int64_t rb = std::min(p.rb, p.n - r0);
-        gemm<T>(false, true, rb, vc, p.H, h + r0 * p.H, p.H, W + v0 * p.H, p.H, T(0), z, vc);
+        gemm<T>(false, true, rb, vc, p.H, T(1), h + r0 * p.H, p.H, W + v0 * p.H, p.H, T(0), z, vc);
         ban(z, rb, vc, v0, bs);
         for (int64_t r = 0; r < rb; ++r) {
           const T* row = z + r * vc;
@@ -402,13 +347,13 @@ void forward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64
   at::parallel_for(0, p.n, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       // Online log-sum-exp over the units in vocabulary order (NaN stays NaN), in double.
-      double acc = -std::numeric_limits<double>::infinity();
+      double acc = neg_inf<double>();
       for (int64_t u = 0; u < p.units; ++u) {
         acc = lse_merge_nan(acc, static_cast<double>(pl[u * p.n + i]));
       }
       lse[i] = static_cast<T>(acc);
       if (sampling) {
-        T best = -std::numeric_limits<T>::infinity();
+        T best = neg_inf<T>();
         int64_t tok = 0;
         for (int64_t u = 0; u < p.units; ++u) {
           if (pk[u * p.n + i] > best) {  // strict: the earlier block keeps a tie
@@ -427,7 +372,7 @@ void forward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64
 template <typename T>
 void backward_pass(const Plan& p, const T* h, const T* W, const std::vector<int64_t>& banned,
                    const T* lse, const int64_t* index, const T* coef, T scale, T* grad_h, T* grad_w) {
-  const at::ScalarType st = scalar_of<T>();
+  const at::ScalarType st = scalar_type_of<T>();
   at::Tensor scratch = fresh({p.threads, p.rb * p.vc + (grad_h ? p.rb * p.H : 0)}, st);
   T* base = scratch.data_ptr<T>();
   std::vector<std::mutex> locks(static_cast<size_t>(p.row_blocks));
@@ -445,15 +390,15 @@ void backward_pass(const Plan& p, const T* h, const T* W, const std::vector<int6
       for (int64_t k = 0; k < p.row_blocks; ++k) {
         const int64_t b = (k + tid) % p.row_blocks;  // threads start at different row blocks
         const int64_t r0 = b * p.rb, rb = std::min(p.rb, p.n - r0);
-        gemm<T>(false, true, rb, vc, p.H, h + r0 * p.H, p.H, W + v0 * p.H, p.H, T(0), z, vc);
+        gemm<T>(false, true, rb, vc, p.H, T(1), h + r0 * p.H, p.H, W + v0 * p.H, p.H, T(0), z, vc);
         ban(z, rb, vc, v0, bs);
         for (int64_t r = 0; r < rb; ++r)
           row_grad(z + r * vc, vc, index[r0 + r] - v0, coef[r0 + r], scale, lse[r0 + r]);
         if (grad_w != nullptr)  // this unit owns grad_w[v0 : v0 + vc]
-          gemm<T>(true, false, vc, p.H, rb, z, vc, h + r0 * p.H, p.H, k == 0 ? T(0) : T(1),
+          gemm<T>(true, false, vc, p.H, rb, T(1), z, vc, h + r0 * p.H, p.H, k == 0 ? T(0) : T(1),
                   grad_w + v0 * p.H, p.H);
         if (grad_h != nullptr) {
-          gemm<T>(false, false, rb, p.H, vc, z, vc, W + v0 * p.H, p.H, T(0), tmp, p.H);
+          gemm<T>(false, false, rb, p.H, vc, T(1), z, vc, W + v0 * p.H, p.H, T(0), tmp, p.H);
           std::lock_guard<std::mutex> guard(locks[static_cast<size_t>(b)]);
           T* dst = grad_h + r0 * p.H;
           const int64_t len = rb * p.H;
@@ -666,19 +611,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_mix_backward(const at::Te
   return {gb, gt, gw};
 }
 
-bool lm_head_set_poison(bool on) { return g_poison.exchange(on); }
+bool lm_head_set_poison(bool on) { return poisoned.set(on); }
 
 std::string lm_head_backend_info() {
-  std::string isa = "default";
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f"))
-    isa = "avx512f";
-  else if (__builtin_cpu_supports("avx2"))
-    isa = "avx2";
-#endif
   return std::string("lm_head kernels: GEMM ") + (blas().sgemm ? "sgemm_ (BLAS)" : "at::addmm fallback") +
-         ", " + isa + " float32 loops, threads: " + std::to_string(at::get_num_threads());
+         ", " + cpu_isa() + " float32 loops, threads: " + std::to_string(at::get_num_threads());
 }
 
 }  // namespace qstar::cpu

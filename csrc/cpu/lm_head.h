@@ -1,7 +1,8 @@
 // The fused LM-head ops on the CPU (mixed_token_logprobs, sample_thought_tokens): tiled passes over
-// the logits z = h @ weight.T that never hold (N, V). See design/kernels.md sections 2 and 3 for
-// the contracts and lm_head.cpp for the design. h: (n, H) and weight: (V, H), contiguous, both
-// float32 or both float64, on the CPU; block_rows x block_cols is the tile shape.
+// the logits z = h @ weight.T that never hold (N, V). The contracts: docs/kernels.md, "Mixed LM-head
+// log-probabilities" and "Thought-token sampling"; the design: lm_head.cpp. h: (n, H) and
+// weight: (V, H), contiguous, both float32 or both float64, on the CPU; block_rows x block_cols is
+// the tile shape.
 #pragma once
 
 #include <ATen/ATen.h>

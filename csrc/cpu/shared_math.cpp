@@ -91,7 +91,7 @@ at::Tensor lse_merge_tiles(const at::Tensor& z, int64_t tile) {
   TORCH_CHECK(tile >= 1, "lse_merge_tiles: tile must be >= 1, got ", tile);
   const at::Tensor x = z.contiguous();
   const int64_t R = x.size(0), C = x.size(1);
-  at::Tensor lse = at::full({R}, -std::numeric_limits<double>::infinity(), x.options());
+  at::Tensor lse = at::full({R}, neg_inf<double>(), x.options());
   for (int64_t r = 0; r < R; ++r) {
     const float* row = x.data_ptr<float>() + r * C;
     float run = neg_inf<float>();

@@ -21,10 +21,8 @@
 //   of a kv head get contributions from all its query blocks: either a thread owns whole kv heads
 //   (when they split evenly over the threads) and accumulates into dk/dv, or units are shared and
 //   threads 1.. accumulate into private buffers reduced after the loop.
-// * GEMMs: the Fortran sgemm_/dgemm_ that libtorch_cpu exports (MKL), found at run time with
-//   dlsym, made single-threaded inside the parallel region (MKL_Set_Num_Threads_Local, the C
-//   entry point; the lowercase name is MKL's Fortran one, which takes a pointer); without
-//   them (or with QSTAR_CPU_NO_BLAS=1) at::addmm_ on from_blob views.
+// * GEMMs: gemm() of cpu/blas.h, single-threaded inside the parallel region (torch's own BLAS,
+//   or at::addmm_ without it).
 // * Elementwise row loops (mask/max, exp/sum, the backward row, dots, axpys) are compiled
 //   per ISA with function multi-versioning (avx512f / avx2 / default), float32 with a vectorisable
 //   polynomial exp (exactly 0 for masked scores); the two exp loops also have a hand-written
@@ -38,96 +36,33 @@
 #include "cpu/thought_attention.h"
 
 #include <ATen/Parallel.h>
-#if defined(__x86_64__) || defined(__i386__)
-#define QSTAR_X86 1
-#include <immintrin.h>
-#else
-#define QSTAR_X86 0
-#endif
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
-#include <type_traits>
 
+#include "common/poison.h"
 #include "common/softmax_math.h"
 #include "cpu/blas.h"
+#include "cpu/platform.h"
+#if QSTAR_X86
+#include <immintrin.h>
+#endif
 
 namespace qstar::cpu {
 namespace {
 
-// Debug/test mode: every buffer the kernels allocate (outputs and scratch) is filled with NaN
-// before they run, so a test can prove that every output element is written and that no scratch
-// is read before it is written.
-std::atomic<bool> g_poison{false};
-
-at::Tensor poisoned(at::Tensor t) {
-  if (g_poison.load(std::memory_order_relaxed) && t.numel() > 0) {
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  return t;
-}
-
-// ------------------------------------------------------------------------------------------------
-// BLAS
-// ------------------------------------------------------------------------------------------------
-// blas(), blas_int and BlasOneThread: cpu/blas.h.
-
-template <typename T>
-constexpr at::ScalarType scalar_type_of() {
-  return std::is_same_v<T, float> ? at::kFloat : at::kDouble;
-}
-
-// Row-major C (M x N) = alpha * op(A) op(B) + beta * C; op(A) is M x K, op(B) is K x N.
-// ta: A is stored K x M (leading dimension lda); tb: B is stored N x K.
-template <typename T>
-void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb,
-          T beta, T* C, int ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < N; ++j) {
-        T& c = C[(int64_t)i * ldc + j];
-        c = beta == T(0) ? T(0) : beta * c;
-      }
-    return;
-  }
-  const char ca = ta ? 'T' : 'N';
-  const char cb = tb ? 'T' : 'N';
-  // Column-major BLAS on row-major data: C^T = op(B)^T op(A)^T.
-  const blas_int m = M, n = N, kk = K, la = lda, lb = ldb, lc = ldc;
-  if constexpr (std::is_same_v<T, float>) {
-    if (auto f = blas().sgemm) {
-      f(&cb, &ca, &n, &m, &kk, &alpha, B, &lb, A, &la, &beta, C, &lc);
-      return;
-    }
-  } else {
-    if (auto f = blas().dgemm) {
-      f(&cb, &ca, &n, &m, &kk, &alpha, B, &lb, A, &la, &beta, C, &lc);
-      return;
-    }
-  }
-  const auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
-  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {M, K}, {1, lda}, opts)
-                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  at::Tensor bm = tb ? at::from_blob(const_cast<T*>(B), {K, N}, {1, ldb}, opts)
-                     : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) c.zero_();  // C may hold garbage (even NaN) before a beta = 0 product
-  c.addmm_(a, bm, beta, alpha);
-}
+PoisonSwitch poisoned;  // the test mode of these kernels (_set_poison_outputs)
 
 // ------------------------------------------------------------------------------------------------
 // Elementwise row kernels
 // ------------------------------------------------------------------------------------------------
-#define QSTAR_AI inline __attribute__((always_inline))
 
 // exp for float32 in a form the vectoriser accepts: range reduction by ln 2 with a rounding
 // constant, a degree-7 polynomial (relative error ~1e-7), the power of two built in the exponent
@@ -228,12 +163,6 @@ QSTAR_AI void body_scale_copy(T* __restrict y, T alpha, const T* __restrict x, i
   for (int j = 0; j < n; ++j) y[j] = alpha * x[j];
 }
 
-#if QSTAR_X86
-#define QSTAR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QSTAR_CLONES
-#endif
-
 QSTAR_CLONES float row_bias_max(float* s, int n, const float* bias) {
   return body_bias_max(s, n, bias);
 }
@@ -308,11 +237,8 @@ QSTAR_AVX512 void row_bwd_avx512(float* s, float* dp, int n, float scale, const 
 
 // QSTAR_CPU_NO_AVX512=1 forces the multi-versioned loops (for tests).
 bool use_avx512() {
-  static const bool v = [] {
-    const char* off = std::getenv("QSTAR_CPU_NO_AVX512");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-    return static_cast<bool>(__builtin_cpu_supports("avx512f"));
-  }();
+  static const bool v =
+      !env_flag("QSTAR_CPU_NO_AVX512") && static_cast<bool>(__builtin_cpu_supports("avx512f"));
   return v;
 }
 #else
@@ -808,7 +734,7 @@ Checked check_common(const char* fn, const at::Tensor& q, const at::Tensor& k, c
     TORCH_CHECK(kp.dim() == 2 && kp.size(0) == B && kp.size(1) == L, fn,
                 ": keep must have shape (B, L) = (", B, ", ", L, "), got ", kp.sizes());
     c.bias = at::zeros({B, L}, q.options())
-                 .masked_fill_(kp.logical_not(), -std::numeric_limits<double>::infinity());
+                 .masked_fill_(kp.logical_not(), neg_inf<double>());
   }
   return c;
 }
@@ -827,7 +753,7 @@ void check_like(const char* fn, const char* name, const at::Tensor& t, const at:
 
 }  // namespace
 
-bool set_poison_outputs(bool on) { return g_poison.exchange(on); }
+bool set_poison_outputs(bool on) { return poisoned.set(on); }
 
 std::string thought_attention_backend_info() {
   const Blas& b = blas();
@@ -837,13 +763,7 @@ std::string thought_attention_backend_info() {
   s += b.set_threads_local ? "; MKL_Set_Num_Threads_Local: yes" : "; MKL_Set_Num_Threads_Local: no";
   s += "; omp threads: " + std::to_string(at::get_num_threads());
   s += "; cpu: ";
-#if QSTAR_X86
-  s += __builtin_cpu_supports("avx512f") ? "avx512f"
-       : __builtin_cpu_supports("avx2") ? "avx2"
-                                         : "default";
-#else
-  s += "generic";
-#endif
+  s += cpu_isa();
   return s;
 }
 
@@ -858,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor> thought_attention_fwd(const at::Tensor& q, co
   at::Tensor lse = poisoned(at::empty({g.B, g.Hq, g.L}, q.options()));
   if (q.numel() == 0 || g.units == 0) {
     out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    lse.fill_(neg_inf<double>());
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "thought_attention_fwd", [&] {

@@ -1,5 +1,5 @@
-// Thought attention ("diagonal-plus-causal"), the C++/OpenMP CPU kernels. See
-// design/kernels.md section 1 for the contract and thought_attention.cpp for the design.
+// Thought attention ("diagonal-plus-causal"), the C++/OpenMP CPU kernels. The contract:
+// docs/kernels.md, "Thought attention"; the design: thought_attention.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

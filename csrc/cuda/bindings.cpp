@@ -1,24 +1,12 @@
 // Torch glue of the CUDA extension (qstar_kernels._C_cuda). The kernels live in the .cu files and
 // take raw pointers; this file checks inputs and launches them on the current stream.
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include "cuda/mixing_cuda.h"
+#include "cuda/ops.h"
 #include "cuda/thought_attention_cuda.h"
-
-namespace qstar {
-namespace cuda {
-bool set_poison_outputs(bool on);
-std::vector<int64_t> check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
-                                            const at::Tensor& v,
-                                            const std::optional<at::Tensor>& keep, double scale,
-                                            int64_t window);
-}  // namespace cuda
-cudaError_t launch_thought_mask(const bool* keep, bool* mask, int64_t B, int64_t L, int64_t depth,
-                                int64_t window, cudaStream_t stream);
-}
 
 namespace {
 
@@ -43,10 +31,10 @@ at::Tensor build_thought_mask_cuda(const std::optional<at::Tensor>& keep, int64_
   }
   c10::cuda::CUDAGuard guard(device);
   auto mask = at::empty({B, 1, L, (depth + 1) * L}, at::TensorOptions().dtype(at::kBool).device(device));
-  auto err = qstar::launch_thought_mask(keep_ptr, mask.data_ptr<bool>(), B, L, depth, window,
-                                        at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "build_thought_mask_cuda: kernel launch failed: ",
-              cudaGetErrorString(err));
+  qstar::cuda::check_launch(
+      "build_thought_mask_cuda",
+      qstar::cuda::launch_thought_mask(keep_ptr, mask.data_ptr<bool>(), B, L, depth, window,
+                                       qstar::cuda::current_stream()));
   return mask;
 }
 

@@ -1,5 +1,5 @@
-// CUDA kernels of mixed_token_logprobs (kernels.md section 2): everything around the LM-head
-// GEMMs, which cuBLAS runs. The per-element maths is common/lm_head_math.h and
+// CUDA kernels of mixed_token_logprobs (docs/kernels.md, "Mixed LM-head log-probabilities"):
+// everything around the LM-head GEMMs, which cuBLAS runs. The per-element maths is common/lm_head_math.h and
 // common/softmax_math.h, shared with the CPU kernels (csrc/cpu/lm_head.cpp).
 //
 //   mix          h = (1 - w) h_base + w h_thought           grid-stride over elements
@@ -7,51 +7,23 @@
 //   target       z_t[i] = h_i . weight[target_i]            a warp per row
 //   grad_rows    z <- coef (onehot - exp(z scale - lse))    grid-stride over elements, in place
 //   mix_bwd      grad_h_base, grad_h_thought, grad_w        a block per row
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common/lm_head_math.h"
 #include "cuda/mixing_cuda.h"
+#include "cuda/scalar.cuh"
 
 namespace qstar::cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Block-wide reductions over kThreads threads (every thread gets the result).
 template <bool MAX>
 __device__ __forceinline__ float block_reduce(float x, float* scratch) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = MAX ? (y > x ? y : x) : x + y;
-  }
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  x = MAX ? warp_max(x) : warp_sum(x);
   __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = x;
+  if (lane_id() == 0) scratch[warp_id()] = x;
   __syncthreads();
   x = scratch[0];
   for (int i = 1; i < kThreads / kWarp; ++i) x = MAX ? (scratch[i] > x ? scratch[i] : x) : x + scratch[i];
@@ -63,8 +35,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mix_kernel(const Tin* __restrict__ hb, const Tin* __restrict__ ht, const float* __restrict__ w,
                Tout* __restrict__ out, int64_t N, int64_t H) {
   const int64_t total = N * H;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+  for (int64_t idx = grid_thread(); idx < total; idx += grid_stride()) {
     out[idx] = from_f32<Tout>(mix_hidden(to_f32(hb[idx]), to_f32(ht[idx]), w[idx / H]));
   }
 }
@@ -87,7 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) s += exp_shifted(to_f32(row[j]), m);
   s = block_reduce<false>(s, scratch);
   if (threadIdx.x == 0) {
-    const float tile = bad > 0.f ? __int_as_float(0x7fc00000) : softmax_lse(SoftmaxState<float>{m, s});
+    const float tile = bad > 0.f ? nan_f32() : softmax_lse(SoftmaxState<float>{m, s});
     lse[blockIdx.x] = lse_merge_nan(lse[blockIdx.x], tile);
   }
 }
@@ -97,18 +68,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     target_kernel(const T* __restrict__ h, const T* __restrict__ weight,
                   const int64_t* __restrict__ target, float* __restrict__ out, int64_t n, int64_t H,
                   int64_t V) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kThreads / kWarp) + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  const int64_t i = grid_warp();
+  const int lane = lane_id();
   if (i >= n) return;
   const int64_t t = target[i];
   if (t < 0 || t >= V) {
-    if (lane == 0) out[i] = __int_as_float(0x7fc00000);
+    if (lane == 0) out[i] = nan_f32();
     return;
   }
   float acc = 0.f;
   for (int64_t k = lane; k < H; k += kWarp) acc += to_f32(h[i * H + k]) * to_f32(weight[t * H + k]);
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  acc = warp_sum(acc);
   if (lane == 0) out[i] = acc;
 }
 
@@ -118,8 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const float* __restrict__ lse, const int64_t* __restrict__ index,
                      const float* __restrict__ coef, float scale) {
   const int64_t total = rows * cols;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+  for (int64_t idx = grid_thread(); idx < total; idx += grid_stride()) {
     const int64_t i = idx / cols, j = idx % cols;
     T& e = z[i * ld + j];
     e = from_f32<T>(logit_grad(to_f32(e), scale, lse[i], coef[i], j == index[i]));
@@ -146,24 +115,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) gw[i] = acc;
 }
 
-unsigned grid_for(int64_t elements) {
-  int64_t blocks = (elements + kThreads - 1) / kThreads;
-  if (blocks > 65535 * 16) blocks = 65535 * 16;
-  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
-}
-
-template <typename Fn>
-cudaError_t by_dtype(DType dt, Fn&& fn) {
-  switch (dt) {
-    case DType::f32:
-      return fn(float{});
-    case DType::f16:
-      return fn(__half{});
-    case DType::bf16:
-      return fn(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
+// The grid of the grid-stride kernels.
+unsigned grid_for(int64_t elements) { return grid_stride_blocks(elements, kThreads, 65535 * 16); }
 
 }  // namespace
 
@@ -203,7 +156,7 @@ cudaError_t lm_head_target_logits(DType dt, const void* h, const void* weight,
   constexpr int kRows = kThreads / kWarp;
   return by_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    target_kernel<T><<<static_cast<unsigned>((n + kRows - 1) / kRows), kThreads, 0, stream>>>(
+    target_kernel<T><<<blocks_for(n, kRows), kThreads, 0, stream>>>(
         static_cast<const T*>(h), static_cast<const T*>(weight), target, out, n, H, V);
     return cudaGetLastError();
   });

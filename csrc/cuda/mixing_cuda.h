@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "cuda/thought_attention_cuda.h"  // DType, LaunchInfo
+#include "cuda/launch.h"  // DType, LaunchInfo
 
 namespace qstar::cuda {
 
@@ -40,7 +40,8 @@ cudaError_t lm_head_mix_backward(DType in, const float* g, const void* h_base,
                                  float* grad_h_thought, float* grad_w, int64_t N, int64_t H,
                                  cudaStream_t stream);
 
-// Launch configurations (see thought_attention_launch_table).
+// The launch configuration of every kernel instance (see LaunchInfo); as
+// thought_attention_launch_table.
 int mixing_launch_table(LaunchInfo* out, int cap);
 
 }  // namespace qstar::cuda

@@ -1,33 +1,18 @@
 // Torch glue of the CUDA kernels of mixed_token_logprobs (csrc/cuda/mixing.cu): input checks,
 // allocation, the current stream, and the operators qstar_cuda::lm_head_* (CUDA kernels here;
-// fakes in Python, qstar_kernels/backends/lm_head_cuda.py, which runs the chunk loop with cuBLAS
-// GEMMs through torch.mm).
+// fakes in Python, in the "cuda" LM-head backend under qstar_kernels/backends/, which runs the
+// chunk loop with cuBLAS GEMMs through torch.mm).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "cuda/mixing_cuda.h"
+#include "cuda/ops.h"
 
 namespace qstar::cuda {
 namespace {
-
-DType dtype_of(const char* fn, const char* name, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::f32;
-    case at::kHalf:
-      return DType::f16;
-    case at::kBFloat16:
-      return DType::bf16;
-    default:
-      TORCH_CHECK(false, fn, ": ", name, " must be float32, float16 or bfloat16, got ",
-                  t.scalar_type());
-  }
-  return DType::f32;
-}
 
 void check_cuda(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor, got an undefined one");
@@ -61,12 +46,6 @@ void check_rows(const char* fn, const char* name, const at::Tensor& t, int64_t n
   check_contiguous(fn, name, t);
 }
 
-void check_launch(const char* fn, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 void check_mix_inputs(const char* fn, const at::Tensor& h_base, const at::Tensor& h_thought,
                       const at::Tensor& w) {
   check_cuda(fn, "h_base", h_base, h_base);
@@ -92,7 +71,7 @@ at::Tensor mix(const at::Tensor& h_base, const at::Tensor& h_thought, const at::
   at::Tensor out = at::empty(h_base.sizes(), h_base.options().dtype(dtype));
   check_launch(fn, lm_head_mix(dtype_of(fn, "h_base", h_base), dtype_of(fn, "dtype", out),
                                h_base.data_ptr(), h_thought.data_ptr(), w.data_ptr<float>(),
-                               out.data_ptr(), h_base.size(0), h_base.size(1), stream()));
+                               out.data_ptr(), h_base.size(0), h_base.size(1), current_stream()));
   return out;
 }
 
@@ -103,7 +82,7 @@ void lse_merge_(const at::Tensor& z, at::Tensor& lse) {
   check_rows(fn, "lse", lse, z.size(0), at::kFloat, z);
   c10::cuda::CUDAGuard guard(z.device());
   check_launch(fn, lm_head_lse_merge(dtype_of(fn, "z", z), z.data_ptr(), z.stride(0), z.size(0),
-                                     z.size(1), lse.data_ptr<float>(), stream()));
+                                     z.size(1), lse.data_ptr<float>(), current_stream()));
 }
 
 at::Tensor target_logits(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& target) {
@@ -121,7 +100,7 @@ at::Tensor target_logits(const at::Tensor& h, const at::Tensor& weight, const at
   at::Tensor out = at::empty({h.size(0)}, h.options().dtype(at::kFloat));
   check_launch(fn, lm_head_target_logits(dtype_of(fn, "h", h), h.data_ptr(), weight.data_ptr(),
                                          target.data_ptr<int64_t>(), out.data_ptr<float>(),
-                                         h.size(0), h.size(1), weight.size(0), stream()));
+                                         h.size(0), h.size(1), weight.size(0), current_stream()));
   return out;
 }
 
@@ -136,7 +115,7 @@ void grad_rows_(at::Tensor& z, const at::Tensor& lse, const at::Tensor& index,
   c10::cuda::CUDAGuard guard(z.device());
   check_launch(fn, lm_head_grad_rows(dtype_of(fn, "z", z), z.data_ptr(), z.stride(0), z.size(0),
                                      z.size(1), lse.data_ptr<float>(), index.data_ptr<int64_t>(),
-                                     coef.data_ptr<float>(), static_cast<float>(scale), stream()));
+                                     coef.data_ptr<float>(), static_cast<float>(scale), current_stream()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward(const at::Tensor& grad_h,
@@ -157,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward(const at::Tensor& gr
                                         h_base.data_ptr(), h_thought.data_ptr(),
                                         w.data_ptr<float>(), gb.data_ptr<float>(),
                                         gt.data_ptr<float>(), gw.data_ptr<float>(),
-                                        h_base.size(0), h_base.size(1), stream()));
+                                        h_base.size(0), h_base.size(1), current_stream()));
   return {gb, gt, gw};
 }
 

@@ -1,5 +1,6 @@
 // Thought attention on the GPU: causal (optionally windowed, padded) attention over the text block
-// plus one diagonal key per thought block, merged in one exact softmax (kernels.md section 1).
+// plus one diagonal key per thought block, merged in one exact softmax (the contract:
+// docs/kernels.md, "Thought attention").
 //
 // Design (correctness first; every stage is short and reads like the maths)
 // -------------------------------------------------------------------------
@@ -22,66 +23,24 @@
 // * Tile matmuls (block_mm): float16/bfloat16 on the tensor cores (WMMA m16n16k16, float32
 //   accumulators, operands and accumulators in shared memory), float32 in plain FMA (SIMT).
 // * The per-element softmax maths is common/softmax_math.h, the same functions the CPU kernels
-//   run (tests/test_cpu_kernel.py exercises them there).
+//   run (tests/test_shared_math.py runs them on the CPU in this file's sequence).
 // * Shared memory is dynamic; its size per instance is a constexpr of the tile config, capped at
-//   100 KB by a static_assert and reported by thought_attention_launch_table() for the resource
+//   99 KB by a static_assert and reported by thought_attention_launch_table() for the resource
 //   test (tests/test_cuda_build.py).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <mma.h>
 
 #include <cstdint>
 #include <type_traits>
 
 #include "common/softmax_math.h"
+#include "cuda/scalar.cuh"
 #include "cuda/thought_attention_cuda.h"
 
 namespace qstar::cuda {
 namespace {
 
-constexpr int kWarp = 32;
 // 99 KB: sm_86/87/89 allow at most 101,376 bytes of dynamic shared memory per block.
 constexpr int kMaxSmem = 99 * 1024;
-
-// ------------------------------------------------------------------------------------------------
-// Scalars
-// ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// The maximum, ignoring nothing: -inf only when every lane holds -inf (NaN is not selected, as in
-// the CPU kernels' comparison).
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = y > x ? y : x;
-  }
-  return x;
-}
 
 // ------------------------------------------------------------------------------------------------
 // Tile configuration and shared-memory layout
@@ -201,7 +160,7 @@ __device__ __forceinline__ void block_mm(const T* A, int lda, const T* Bm, int l
     using LayA = std::conditional_t<A_T, wmma::col_major, wmma::row_major>;
     using LayB = std::conditional_t<B_T, wmma::col_major, wmma::row_major>;
     constexpr int TN = N / 16, TK = K / 16;
-    const int warp = threadIdx.x / kWarp;
+    const int warp = warp_id();
     for (int t = warp; t < (M / 16) * TN; t += NW) {
       const int mi = t / TN, ni = t % TN;
       float* cp = C + mi * 16 * ldc + ni * 16;
@@ -226,7 +185,8 @@ __device__ __forceinline__ void block_mm(const T* A, int lda, const T* Bm, int l
   }
 }
 
-// Whether query i may attend to text key j (kernels.md section 1), i and j in [0, L).
+// Whether query i may attend to text key j (docs/kernels.md, "Thought attention"), i and j in
+// [0, L).
 __device__ __forceinline__ bool text_allowed(int i, int j, int L, int window, const bool* keep_b) {
   return i < L && j <= i && (window <= 0 || i - j < window) && (keep_b == nullptr || keep_b[j]);
 }
@@ -265,7 +225,7 @@ __global__ void __launch_bounds__(FwdCfg<T, D>::NW * kWarp, 1)
   const T* kh = k + (static_cast<int64_t>(b) * sh.Hkv + hk) * Lk * D;
   const T* vh = v + (static_cast<int64_t>(b) * sh.Hkv + hk) * Lk * D;
   const bool* keep_b = keep == nullptr ? nullptr : keep + static_cast<int64_t>(b) * L;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warp = warp_id(), lane = lane_id();
   const int rows = min(BM, L - q0);
 
   load_rows<T, D, BM, NT>(Qs, C::Q::ld, qh, q0, rows);
@@ -370,8 +330,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kRowThreads, 1)
     attn_bwd_delta_kernel(int64_t rows, const T* __restrict__ grad_out, const T* __restrict__ out,
                           const float* __restrict__ grad_lse, float* __restrict__ delta) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  const int64_t row = grid_warp();
+  const int lane = lane_id();
   if (row >= rows) return;
   float acc = 0.f;
 #pragma unroll
@@ -439,7 +399,7 @@ __global__ void __launch_bounds__(DqCfg<T, D>::NW * kWarp, 1)
   const T* kh = k + (static_cast<int64_t>(b) * sh.Hkv + hk) * Lk * D;
   const T* vh = v + (static_cast<int64_t>(b) * sh.Hkv + hk) * Lk * D;
   const bool* keep_b = keep == nullptr ? nullptr : keep + static_cast<int64_t>(b) * L;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warp = warp_id(), lane = lane_id();
   const int rows = min(BM, L - q0);
 
   load_rows<T, D, BM, NT>(Qs, C::Q::ld, q + qrow0 * D, q0, rows);
@@ -569,8 +529,8 @@ __global__ void __launch_bounds__(kRowThreads, 1)
   constexpr int DL = D / kWarp;
   const int64_t L = sh.L, a = sh.a, G = sh.Hq / sh.Hkv;
   const int64_t total = static_cast<int64_t>(sh.B) * sh.Hkv * a * L;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  const int64_t w = grid_warp();
+  const int lane = lane_id();
   if (w >= total) return;
   const int64_t i = w % L;
   const int64_t s = 1 + (w / L) % a;
@@ -621,15 +581,13 @@ cudaError_t prepare(Kern kernel, int smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
 }
 
-unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
-
 template <typename T, int D>
 cudaError_t fwd_impl(const AttnFwdArgs& x, cudaStream_t stream) {
   using C = FwdCfg<T, D>;
   const AttnShape& sh = x.s;
   auto kernel = attn_fwd_kernel<T, D>;
   if (cudaError_t e = prepare(kernel, C::smem); e != cudaSuccess) return e;
-  const dim3 grid(cdiv(sh.L, C::BM), sh.Hq, sh.B);
+  const dim3 grid(blocks_for(sh.L, C::BM), sh.Hq, sh.B);
   kernel<<<grid, C::NW * kWarp, C::smem, stream>>>(
       sh, static_cast<const T*>(x.q), static_cast<const T*>(x.k), static_cast<const T*>(x.v), x.keep,
       static_cast<T*>(x.out), x.lse);
@@ -645,55 +603,31 @@ cudaError_t bwd_impl(const AttnBwdArgs& x, cudaStream_t stream) {
   const T* go = static_cast<const T*>(x.grad_out);
   const int64_t rows = static_cast<int64_t>(sh.B) * sh.Hq * sh.L;
   constexpr int kRowsPerBlock = kRowThreads / kWarp;
-  attn_bwd_delta_kernel<T, D><<<cdiv(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+  attn_bwd_delta_kernel<T, D><<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
       rows, go, static_cast<const T*>(x.out), x.grad_lse, x.delta);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
 
   using CQ = DqCfg<T, D>;
   auto dq_kernel = attn_bwd_dq_kernel<T, D>;
   if (cudaError_t e = prepare(dq_kernel, CQ::smem); e != cudaSuccess) return e;
-  dq_kernel<<<dim3(cdiv(sh.L, CQ::BM), sh.Hq, sh.B), CQ::NW * kWarp, CQ::smem, stream>>>(
+  dq_kernel<<<dim3(blocks_for(sh.L, CQ::BM), sh.Hq, sh.B), CQ::NW * kWarp, CQ::smem, stream>>>(
       sh, q, k, v, x.keep, go, x.lse, x.delta, static_cast<T*>(x.dq));
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
 
   using CK = DkvCfg<T, D>;
   auto dkdv_kernel = attn_bwd_dkdv_kernel<T, D>;
   if (cudaError_t e = prepare(dkdv_kernel, CK::smem); e != cudaSuccess) return e;
-  dkdv_kernel<<<dim3(cdiv(sh.L, CK::BN), sh.Hkv, sh.B), CK::NW * kWarp, CK::smem, stream>>>(
+  dkdv_kernel<<<dim3(blocks_for(sh.L, CK::BN), sh.Hkv, sh.B), CK::NW * kWarp, CK::smem, stream>>>(
       sh, q, k, v, x.keep, go, x.lse, x.delta, static_cast<T*>(x.dk), static_cast<T*>(x.dv));
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
 
   if (sh.a > 0) {
     const int64_t warps = static_cast<int64_t>(sh.B) * sh.Hkv * sh.a * sh.L;
-    attn_bwd_diag_kernel<T, D><<<cdiv(warps, kRowsPerBlock), kRowThreads, 0, stream>>>(
+    attn_bwd_diag_kernel<T, D><<<blocks_for(warps, kRowsPerBlock), kRowThreads, 0, stream>>>(
         sh, q, k, v, x.keep, go, x.lse, x.delta, static_cast<T*>(x.dk), static_cast<T*>(x.dv));
   }
   return cudaGetLastError();
 }
-
-template <template <typename, int> class Fn, typename Args>
-cudaError_t dispatch(DType dtype, const Args& x, cudaStream_t stream) {
-  const int D = x.s.D;
-  switch (dtype) {
-    case DType::f32:
-      return D == 64 ? Fn<float, 64>::run(x, stream) : Fn<float, 128>::run(x, stream);
-    case DType::f16:
-      return D == 64 ? Fn<__half, 64>::run(x, stream) : Fn<__half, 128>::run(x, stream);
-    case DType::bf16:
-      return D == 64 ? Fn<__nv_bfloat16, 64>::run(x, stream)
-                     : Fn<__nv_bfloat16, 128>::run(x, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename T, int D>
-struct FwdFn {
-  static cudaError_t run(const AttnFwdArgs& x, cudaStream_t s) { return fwd_impl<T, D>(x, s); }
-};
-template <typename T, int D>
-struct BwdFn {
-  static cudaError_t run(const AttnBwdArgs& x, cudaStream_t s) { return bwd_impl<T, D>(x, s); }
-};
 
 template <typename T, int D>
 int add_launch_info(LaunchInfo* out, int n, int cap, DType dt) {
@@ -716,13 +650,19 @@ int add_launch_info(LaunchInfo* out, int n, int cap, DType dt) {
 cudaError_t thought_attention_fwd(DType dtype, const AttnFwdArgs& args, cudaStream_t stream) {
   if (!attention_head_dim_supported(args.s.D)) return cudaErrorInvalidValue;
   if (static_cast<int64_t>(args.s.B) * args.s.Hq * args.s.L == 0) return cudaSuccess;
-  return dispatch<FwdFn>(dtype, args, stream);
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return args.s.D == 64 ? fwd_impl<T, 64>(args, stream) : fwd_impl<T, 128>(args, stream);
+  });
 }
 
 cudaError_t thought_attention_bwd(DType dtype, const AttnBwdArgs& args, cudaStream_t stream) {
   if (!attention_head_dim_supported(args.s.D)) return cudaErrorInvalidValue;
   if (static_cast<int64_t>(args.s.B) * args.s.Hq * args.s.L == 0) return cudaSuccess;
-  return dispatch<BwdFn>(dtype, args, stream);
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return args.s.D == 64 ? bwd_impl<T, 64>(args, stream) : bwd_impl<T, 128>(args, stream);
+  });
 }
 
 int thought_attention_launch_table(LaunchInfo* out, int cap) {

@@ -1,15 +1,16 @@
-// The launch interface of the CUDA thought attention kernels (csrc/cuda/thought_attention.cu).
-// Plain C++ and the CUDA runtime only: no torch header, so that nvcc stays fast (environment.md).
-// The torch glue (checks, allocation, streams, op registration) is thought_attention_ops.cpp.
+// The launch interface of the CUDA thought attention kernels (csrc/cuda/thought_attention.cu) and
+// of the dense thought mask (csrc/cuda/thought_mask.cu). Plain C++ and the CUDA runtime only: no
+// torch header, so that nvcc stays fast. The torch glue (checks, allocation, streams, op
+// registration) is thought_attention_ops.cpp and bindings.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-namespace qstar::cuda {
+#include "cuda/launch.h"  // DType, LaunchInfo
 
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+namespace qstar::cuda {
 
 // Every tensor is contiguous and on one device. q/out/grad_out/dq: (B, Hq, L, D);
 // k/v/dk/dv: (B, Hkv, (a + 1) * L, D); keep: (B, L) bool or null; lse/delta/grad_lse: (B, Hq, L)
@@ -52,16 +53,12 @@ constexpr bool attention_head_dim_supported(int D) { return D == 64 || D == 128;
 cudaError_t thought_attention_fwd(DType dtype, const AttnFwdArgs& args, cudaStream_t stream);
 cudaError_t thought_attention_bwd(DType dtype, const AttnBwdArgs& args, cudaStream_t stream);
 
-// The launch configuration of every kernel instance, for the resource test: the kernel's base
-// name (a substring of its mangled name), the dtype and head dim it serves, threads per block and
-// the dynamic shared memory it is launched with. Returns the number of entries (fills up to cap).
-struct LaunchInfo {
-  const char* kernel;
-  DType dtype;
-  int head_dim;
-  int threads;
-  int dynamic_smem;
-};
+// The launch configuration of every kernel instance (see LaunchInfo). Returns the number of
+// entries (fills up to cap).
 int thought_attention_launch_table(LaunchInfo* out, int cap);
+
+// The dense (B, 1, L, (depth + 1) * L) bool thought mask into `mask`; keep: (B, L) bool or null.
+cudaError_t launch_thought_mask(const bool* keep, bool* mask, int64_t B, int64_t L, int64_t depth,
+                                int64_t window, cudaStream_t stream);
 
 }  // namespace qstar::cuda

@@ -1,48 +1,25 @@
 // Torch glue of the CUDA thought attention kernels: input checks with clear messages, allocation,
 // the current stream, and the registration as the operators qstar_cuda::thought_attention_fwd /
-// thought_attention_bwd (CUDA kernels here; fake implementations and autograd in Python,
-// qstar_kernels/backends/cuda_backend.py).
+// thought_attention_bwd (CUDA kernels here; fake implementations and autograd in Python, the
+// "cuda" attention backend under qstar_kernels/backends/).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "common/poison.h"
+#include "cuda/ops.h"
 #include "cuda/thought_attention_cuda.h"
 
 namespace qstar::cuda {
 namespace {
 
-// Test mode: fill every output with NaN before the kernels write it (see set_poison_outputs).
-std::atomic<bool> g_poison{false};
-
-at::Tensor poisoned(at::Tensor t) {
-  if (g_poison.load(std::memory_order_relaxed) && t.numel() > 0) {
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  return t;
-}
-
-DType dtype_of(const char* fn, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::f32;
-    case at::kHalf:
-      return DType::f16;
-    case at::kBFloat16:
-      return DType::bf16;
-    default:
-      TORCH_CHECK(false, fn, ": q must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return DType::f32;
-}
+PoisonSwitch poisoned;  // the test mode of these ops (set_poison_outputs)
 
 void check_tensor(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& q,
                   at::ScalarType dtype) {
@@ -64,7 +41,7 @@ AttnShape check_common(const char* fn, const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(q.defined(), fn, ": q must be a tensor, got an undefined one");
   TORCH_CHECK(q.is_cuda() || !require_cuda, fn, ": q must be a CUDA tensor, got a tensor on ",
               q.device());
-  dtype_of(fn, q);
+  dtype_of(fn, "q", q);
   TORCH_CHECK(q.dim() == 4, fn, ": q must be 4-D (B, Hq, L, D), got shape ", q.sizes());
   check_tensor(fn, "q", q, q, q.scalar_type());
   check_tensor(fn, "k", k, q, q.scalar_type());
@@ -109,10 +86,6 @@ const bool* keep_ptr(const std::optional<at::Tensor>& keep) {
   return keep.has_value() && keep->defined() ? keep->data_ptr<bool>() : nullptr;
 }
 
-void check_launch(const char* fn, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
-}
-
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const std::optional<at::Tensor>& keep,
                                        double scale, int64_t window) {
@@ -124,8 +97,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
       poisoned(at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)));
   AttnFwdArgs args{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), keep_ptr(keep), out.data_ptr(),
                    lse.data_ptr<float>()};
-  check_launch(fn, thought_attention_fwd(dtype_of(fn, q), args,
-                                         c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(fn, thought_attention_fwd(dtype_of(fn, "q", q), args, current_stream()));
   return {out, lse};
 }
 
@@ -169,17 +141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
                    dq.data_ptr(),
                    dk.data_ptr(),
                    dv.data_ptr()};
-  check_launch(fn, thought_attention_bwd(dtype_of(fn, q), args,
-                                         c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(fn, thought_attention_bwd(dtype_of(fn, "q", q), args, current_stream()));
   return {dq, dk, dv};
 }
 
 }  // namespace
 
-bool set_poison_outputs(bool on) { return g_poison.exchange(on); }
+bool set_poison_outputs(bool on) { return poisoned.set(on); }
 
-// The input checks of thought_attention_fwd alone, on any device (tests run them on the CPU).
-// Returns (B, Hq, Hkv, L, D, a, window) as the kernels would see them.
 std::vector<int64_t> check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v,
                                             const std::optional<at::Tensor>& keep, double scale,
