@@ -18,6 +18,7 @@ import qstar
 from qstar import QuietStarConfig, QuietStarForCausalLM
 from qstar.generation import _filter_logits
 from qstar.tiny import tiny_tokenizer
+from qstar_kernels.hf import cache_keyword
 
 
 def make_model(n_thought=3, *, dtype=torch.float64, seed=0, layers=2, sliding_window=None, lookup="gather"):
@@ -241,7 +242,7 @@ def test_decoder_calls_per_token_and_the_branch_is_dropped():
 
     def hook(module, args, kwargs, output):
         calls.append(kwargs["inputs_embeds"].shape[1])
-        key_lengths.append(kwargs["past_key_values"].get_seq_length())
+        key_lengths.append(kwargs[cache_keyword(module)].get_seq_length())
 
     handle = model.base_model.model.register_forward_hook(hook, with_kwargs=True)
     try:
