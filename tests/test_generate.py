@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quietstar_helpers import tiny_mistral
+from tiny_models import tiny_mistral, tiny_tokenizer
 
 import qstar
 from qstar import QuietStarConfig, QuietStarForCausalLM
 from qstar.generation import _filter_logits
-from qstar.tiny import tiny_tokenizer
 from qstar_kernels.hf import cache_keyword
 
 
@@ -395,3 +394,25 @@ def test_text_keeps_the_leading_space_of_sentencepiece_tokens():
             "The capital of France is", max_new_tokens=4, stop_strings=[" Paris"], think=think
         )
         assert stopped.texts[0] == " Paris" and stopped.finish_reasons[0] == "stop"
+
+
+def test_forward_and_generation_emit_no_deprecation_warnings():
+    """The cache goes to transformers under the keyword the installed release expects (``cache`` or
+    ``past_key_values``): recent 5.x warn on every call with the old one (item 8 of the redesign)."""
+    import warnings
+
+    model = make_model(2, dtype=torch.float32)
+    ids = torch.tensor([model.tokenizer.encode("Q: 1+2=3")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()(ids).loss.backward()
+        with torch.no_grad():
+            model.eval()(ids, output_logits=True)
+        for think in (True, False):
+            model.generate("Q: 1+", max_new_tokens=3, think=think, eos_token_id=None)
+    deprecations = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, FutureWarning | DeprecationWarning)
+    ]
+    assert deprecations == []
