@@ -41,9 +41,9 @@ from torch.utils.checkpoint import checkpoint
 from qstar_kernels import mixed_token_logprobs, sample_thought_tokens
 from qstar_kernels.hf import apply_qstar_kernels, cache_keyword, thought_step
 
-from . import generation
 from .cache import RolloutCache
 from .config import QuietStarConfig
+from .generation import generate as _generate
 from .heads import build_mixing_head, init_mixing_head, mix_hidden, mixed_logits
 from .pretrained import CONFIG_NAME, FORMAT_VERSION, HEADS_NAME, PretrainedIO
 
@@ -597,4 +597,4 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
 
     def generate(self, input_ids, attention_mask: torch.Tensor | None = None, **kwargs):
         """Generate with a thought before every token: :func:`qstar.generate` with this model."""
-        return generation.generate(self, input_ids, attention_mask, **kwargs)
+        return _generate(self, input_ids, attention_mask, **kwargs)

@@ -112,7 +112,8 @@ def rollout(
     fused=True: inside thought_step, no attention_mask (the patched path). fused=False: the authors'
     way, the dense additive mask (B, 1, L, (a+1)L) built per step and passed as attention_mask.
     ordinary_step0: run step 0 of the fused rollout as an ordinary forward with the 2-D mask.
-    Position ids j + a, a DynamicCache that grows by L keys per step (quietstar.md section 4).
+    Position ids j + a, a DynamicCache that grows by L keys per step (``docs/algorithm.md``,
+    "The parallel rollout").
     Returns per step (logits, hidden_states tuple).
     """
     from transformers import DynamicCache

@@ -72,7 +72,8 @@ def forward(lm, head, start, end, ids, keep, thoughts, **kw):
 
 
 def test_mask_matches_the_note_example():
-    """quietstar.md 4.1.3: L=5, last position padding, step 2."""
+    """The worked mask example (``docs/algorithm.md``, "The thought mask"): L=5, last position
+    padding, step 2."""
     keep = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
     m = extend_mask(extend_mask(base_causal_mask(keep, torch.float32), 5), 5)
     assert m.shape == (1, 1, 5, 15)
