@@ -11,7 +11,7 @@ This package builds on the public ops of :mod:`qstar_kernels` and never names a 
 from qstar_kernels import thought_attention
 
 from .config import Preset, QuietStarConfig, TrainingConfig, get_preset
-from .generation import GenerationOutput, GenerationStep, generate, stream
+from .generation import GenerationOutput, GenerationStep, SamplingParams, generate, stream
 from .model import QuietStarForCausalLM, QuietStarOutput, build_mixing_head
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "QuietStarConfig",
     "QuietStarForCausalLM",
     "QuietStarOutput",
+    "SamplingParams",
     "TrainingConfig",
     "build_mixing_head",
     "generate",

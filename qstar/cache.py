@@ -7,12 +7,24 @@ the step's keys a second time. :class:`RolloutCache` stores each step's block at
 ``0 .. step``; a replay of step ``a`` rewrites block ``a`` with identical values and sees exactly
 the keys the first pass saw. Only the blocks are kept, so under checkpointing the memory held between
 forward and backward is one ``L``-long block of keys and values per layer and step.
+
+Both caches keep one object per layer. transformers >= 4.56 builds every ``Cache`` that way and
+dispatches ``update`` to the layers itself; on 4.53 .. 4.55 :class:`_LayeredCache` does the
+dispatch, so the caches work across the whole supported range.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
+
+try:  # transformers >= 4.56: a Cache is a list of layer objects and dispatches to them
+    from transformers.cache_utils import DynamicLayer as _LayerBase
+
+    _LAYERED = True
+except ImportError:  # 4.53 .. 4.55: _LayeredCache dispatches to its layers itself
+    _LayerBase = object
+    _LAYERED = False
 
 
 class _Clock:
@@ -22,7 +34,7 @@ class _Clock:
         self.step = 0
 
 
-class _RolloutLayer(DynamicLayer):
+class _RolloutLayer(_LayerBase):
     """One layer's blocks; ``update`` writes block ``clock.step`` and returns blocks ``0..step``."""
 
     def __init__(self, clock: _Clock):
@@ -32,7 +44,7 @@ class _RolloutLayer(DynamicLayer):
         self.value_blocks: list[torch.Tensor] = []
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
+        if _LAYERED and not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         step = self.clock.step
         if step == len(self.key_blocks):
@@ -66,16 +78,39 @@ class _RolloutLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.key_blocks, self.value_blocks = [], []
-        super().reset()
+        if _LAYERED:
+            super().reset()
 
 
-class RolloutCache(Cache):
+class _LayeredCache(Cache):
+    """A ``Cache`` over one layer object per decoder layer, on every supported transformers."""
+
+    def __init__(self, layers: list) -> None:
+        if _LAYERED:
+            super().__init__(layers=layers)
+        else:
+            super().__init__()
+            self.layers = layers
+
+    if not _LAYERED:  # what transformers >= 4.56's Cache does for us
+
+        def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+            return self.layers[layer_idx].update(key_states, value_states)
+
+        def get_seq_length(self, layer_idx: int | None = 0) -> int:
+            return self.layers[layer_idx or 0].get_seq_length()
+
+        def get_max_cache_shape(self) -> int | None:
+            return None
+
+
+class RolloutCache(_LayeredCache):
     """A cache for the Quiet-STaR rollout: set ``cache.step = a`` before step ``a``'s pass."""
 
     def __init__(self, config) -> None:
         self._clock = _Clock()
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[_RolloutLayer(self._clock) for _ in range(n_layers)])
+        super().__init__([_RolloutLayer(self._clock) for _ in range(n_layers)])
 
     @property
     def step(self) -> int:
@@ -86,7 +121,7 @@ class RolloutCache(Cache):
         self._clock.step = int(value)
 
 
-class _BufferedLayer(DynamicLayer):
+class _BufferedLayer(_LayerBase):
     """One layer's keys in a preallocated buffer: ``update`` writes in place, ``truncate`` drops a
     suffix by moving the length back (no copy, no ``torch.cat`` of the whole cache per token)."""
 
@@ -98,7 +133,7 @@ class _BufferedLayer(DynamicLayer):
         self._vbuf: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
+        if _LAYERED and not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._kbuf is None:
             B, H, _, D = key_states.shape
@@ -129,7 +164,7 @@ class _BufferedLayer(DynamicLayer):
         self.values = self._vbuf[:, :, : self.length]
 
 
-class ThoughtBranchCache(Cache):
+class ThoughtBranchCache(_LayeredCache):
     """The decode cache of generation with thoughts: the text's keys, then a private branch.
 
     Generation appends the text token and the thought (``<start> t_1 .. t_n <end>``) of the newest
@@ -140,7 +175,7 @@ class ThoughtBranchCache(Cache):
 
     def __init__(self, config, capacity: int) -> None:
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[_BufferedLayer(capacity) for _ in range(n_layers)])
+        super().__init__([_BufferedLayer(capacity) for _ in range(n_layers)])
         self.text_length = 0
 
     def commit_text(self, n_tokens: int) -> None:

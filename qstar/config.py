@@ -4,7 +4,7 @@ Two dataclasses: :class:`QuietStarConfig` is the method (what one forward comput
 :class:`TrainingConfig` is the optimisation around it (optimizer, batch, data, precision). A
 preset fills both:
 
-* ``"paper"`` is the authors' configuration and arithmetic (``quietstar.md`` sections 9 and 13),
+* ``"paper"`` is the authors' configuration and arithmetic (``docs/method.md``, "Presets"),
   quirks included: thoughts are sampled even in evaluation (their ``tau=0.001`` is a no-op), NLL
   means over the non-zero loss entries, one-hot matmuls for step inputs, pure bf16 weights and
   optimizer state, lr 1e-6, policy weight 1e6.
@@ -50,7 +50,7 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False, integer:
 
 @dataclass
 class QuietStarConfig:
-    """The method: what one Quiet-STaR forward computes (``quietstar.md`` sections 3-9).
+    """The method: what one Quiet-STaR forward computes (``docs/algorithm.md``).
 
     The authors' names are given in brackets where they differ.
     """
@@ -172,7 +172,7 @@ class QuietStarConfig:
 
 @dataclass
 class TrainingConfig:
-    """The optimisation around the method (``quietstar.md`` section 9.1)."""
+    """The optimisation around the method (``docs/training.md``)."""
 
     learning_rate: float = 1e-6
     weight_decay: float = 0.001

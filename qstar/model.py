@@ -1,31 +1,37 @@
 """``QuietStarForCausalLM``: a Hugging Face causal LM that thinks before every token.
 
-The wrapper adds what Quiet-STaR needs around an unchanged HF model (``quietstar.md`` sections 5
-and 6): the ``<|startthought|>`` / ``<|endthought|>`` tokens, their learned embeddings, and the
-mixing head. Its forward is the parallel thought rollout of section 3, step by step:
+The wrapper adds what Quiet-STaR needs around an unchanged HF model (``docs/algorithm.md``, "Meta
+tokens" and "The mixing head"): the ``<|startthought|>`` / ``<|endthought|>`` tokens, their learned
+embeddings, and the mixing head (:mod:`qstar.heads`). Its forward is the parallel rollout
+(``docs/algorithm.md``, "The parallel rollout") in three stages that read like the paper:
 
 ====================  ============================  ==============================================
 step ``a``            input at text position ``j``  output used for
 ====================  ============================  ==============================================
 0                     the text ``x_j``              base hidden ``h0``, base NLL
-1                     ``<start>``                   sample thought token ``t_1``
-2 .. n                ``t_{a-1}``                   sample ``t_a`` (``n = n_thought_tokens``)
+1                     ``<start>``                   **think**: sample thought token ``t_1``
+2 .. n                ``t_{a-1}``                   **think**: sample ``t_a`` (``n = n_thought_tokens``)
 n + 1                 ``t_n``                       nothing (``<end>`` comes next)
-n + 2 + s, s < K      ``<end>``, then ``x_{j+s}``   talk step ``s``: mixed prediction of ``x_{j+s+1}``
+n + 2 + s, s < K      ``<end>``, then ``x_{j+s}``   **talk** step ``s``: mixed prediction of ``x_{j+s+1}``
 ====================  ============================  ==============================================
+
+then **policy**: the reward of each thought (how much it helped the talk steps), its advantage, and
+the REINFORCE term.
 
 Every step feeds one new token per text position through the base transformer, inside
 :func:`qstar_kernels.hf.thought_step`, so the attention is :func:`qstar_kernels.thought_attention`
 over the cache: no mask tensor, no ``repeat_kv``. Log-probabilities and samples come from the fused
 LM-head ops (:func:`qstar_kernels.mixed_token_logprobs`, :func:`qstar_kernels.sample_thought_tokens`):
 no vocabulary-sized tensor is ever built.
+
+Saving and loading come from :class:`qstar.pretrained.PretrainedIO`; generation is
+:func:`qstar.generation.generate`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +39,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qstar_kernels import mixed_token_logprobs, sample_thought_tokens
-from qstar_kernels.hf import apply_qstar_kernels, thought_step
+from qstar_kernels.hf import apply_qstar_kernels, cache_keyword, thought_step
 
 from .cache import RolloutCache
 from .config import QuietStarConfig
+from .generation import generate as _generate
+from .heads import build_mixing_head, init_mixing_head, mix_hidden, mixed_logits
+from .pretrained import CONFIG_NAME, FORMAT_VERSION, HEADS_NAME, PretrainedIO
 
-CONFIG_NAME = "quietstar_config.json"
-HEADS_NAME = "quietstar_heads.safetensors"
-FORMAT_VERSION = 1
+# Re-exported: these lived here before heads.py / pretrained.py; new code imports them from there.
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "HEADS_NAME",
+    "IGNORE",
+    "QuietStarForCausalLM",
+    "QuietStarOutput",
+    "build_mixing_head",
+    "mix_hidden",
+    "mixed_logits",
+]
+
 IGNORE = -100
 
 
@@ -93,54 +112,68 @@ class QuietStarOutput:
     mixed_hidden: torch.Tensor | None = None
 
 
-def mix_hidden(h_base: torch.Tensor, h_thought: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``(1 - w) * h_base + w * h_thought`` in float32, float64 for float64 states (``w`` has one
-    entry per row: ``(..., 1)``).
+@dataclass
+class _Rollout:
+    """One forward's text and cache, shared by its stages. ``R = B * n_rationales`` rows of ``L``."""
 
-    The one definition of the mixed state shared by the forward's ``logits`` and generation, so the
-    two agree to the last bit given the same inputs (``kernels.md`` section 2 mixes in float32 too).
-    """
-    dtype = torch.float64 if h_base.dtype == torch.float64 else torch.float32
-    w = w.to(dtype)
-    return (1 - w) * h_base.to(dtype) + w * h_thought.to(dtype)
+    x: torch.Tensor  # (R, L) int64 text
+    keep: torch.Tensor  # (R, L) bool, True for real tokens
+    positions: torch.Tensor  # (1, L) position ids of the text; step a uses j + a
+    cache: RolloutCache
+    n_rationales: int
+    n_talk: int
 
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
 
-def mixed_logits(mixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits ``mixed @ weight.T`` of a mixed state, float32 (float64 for a float64 model). The
-    matmul runs in the weight's dtype: no float32 copy of a bf16 LM head."""
-    out = F.linear(mixed.to(weight.dtype), weight)
-    return out if out.dtype == torch.float64 else out.float()
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
 
+    @property
+    def n_reward(self) -> int:
+        """Positions with a full talk window: ``L - K - 1``; only they get a reward."""
+        return self.length - self.n_talk - 1
 
-def build_mixing_head(hidden_size: int, config: QuietStarConfig) -> nn.Sequential:
-    """The mixing head on ``[h_base ; h_thought]``: Linear(2H, W), ReLU, ..., Linear(W, 1, no bias).
-
-    With the default 3 layers this is the authors' head (``talk_head[0]``): the state-dict keys
-    ``0.weight, 0.bias, 2.weight, 2.bias, 4.weight`` match theirs.
-    """
-    width = config.mixing_head_hidden_size or hidden_size
-    layers: list[nn.Module] = []
-    fan_in = 2 * hidden_size
-    for _ in range(config.mixing_head_layers - 1):
-        layers += [nn.Linear(fan_in, width), nn.ReLU()]
-        fan_in = width
-    layers.append(nn.Linear(fan_in, 1, bias=False))
-    return nn.Sequential(*layers)
-
-
-def _init_mixing_head(head: nn.Sequential, std: float, zero_last: bool) -> None:
-    """HF's ``_init_weights`` for the hidden layers (N(0, std), bias 0); the last layer zero."""
-    linears = [m for m in head if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        for lin in linears:
-            lin.weight.normal_(0.0, std)
-            if lin.bias is not None:
-                lin.bias.zero_()
-        if zero_last:
-            linears[-1].weight.zero_()
+    def targets(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, L) ids of x_{j+shift} where it is a real token, else IGNORE; and validity."""
+        x, keep, L = self.x, self.keep, self.length
+        tgt = torch.full_like(x, IGNORE)
+        valid = torch.zeros_like(keep)
+        if shift < L:
+            valid[:, : L - shift] = keep[:, shift:]
+            tgt[:, : L - shift] = torch.where(keep[:, shift:], x[:, shift:], IGNORE)
+        return tgt, valid
 
 
-class QuietStarForCausalLM(nn.Module):
+class _Base(NamedTuple):
+    """Step 0, the text pass."""
+
+    hidden: torch.Tensor  # (R, L, H) h0
+    ce: torch.Tensor  # (R, L) -log p_base(x_{j+1}), 0 where ignored
+    nll: torch.Tensor  # () the base NLL
+
+
+class _Thoughts(NamedTuple):
+    """The think stage: one entry per thought token ``t_1 .. t_n``."""
+
+    tokens: list[torch.Tensor]  # n x (R, L) int64
+    logprobs: list[torch.Tensor]  # n x (R, L) log_softmax(z / T_r)[t], detached
+    states: list[torch.Tensor]  # n x (R, L, H) the hidden state each token was drawn from
+
+
+class _Talk(NamedTuple):
+    """The talk stage: one entry per talk step ``s < K``."""
+
+    nll: torch.Tensor  # (K,) NLL of each talk step
+    logprobs: torch.Tensor  # (K, R, L) log p_mix,s(x_{j+1+s}), detached
+    gains: torch.Tensor  # (K, R, L-K-1) log p_mix,s - log p_base of the same token, detached
+    weights: torch.Tensor  # (K, R, L) the mixing weight w, detached
+    mixed0: torch.Tensor | None  # (R, L, H) talk step 0's mixed state, when asked for
+
+
+class QuietStarForCausalLM(PretrainedIO, nn.Module):
     """Quiet-STaR around a Hugging Face causal LM (Mistral, Llama, Qwen2 or any model whose attention
     goes through transformers' ``AttentionInterface``).
 
@@ -182,7 +215,7 @@ class QuietStarForCausalLM(nn.Module):
         self.end_embedding = nn.Parameter(torch.zeros(2, hidden, dtype=dtype, device=device))
         self.mixing_head = build_mixing_head(hidden, config).to(device=device, dtype=dtype)
         std = float(getattr(base_model.config, "initializer_range", 0.02))
-        _init_mixing_head(self.mixing_head, std, config.mixing_head_zero_init)
+        init_mixing_head(self.mixing_head, std, config.mixing_head_zero_init)
         apply_qstar_kernels(base_model)
         ckpt_attr = (
             "is_activation_checkpointing"
@@ -237,7 +270,8 @@ class QuietStarForCausalLM(nn.Module):
         return model
 
     def init_meta_embeddings(self, token_id: int) -> None:
-        """``start_embedding[0] = end_embedding[0] = E[token_id] / meta_embedding_scale`` (section 5)."""
+        """``start_embedding[0] = end_embedding[0] = E[token_id] / meta_embedding_scale``
+        (``docs/algorithm.md``, "Meta tokens")."""
         E = self.base_model.get_input_embeddings().weight
         with torch.no_grad():
             vec = E[token_id].to(self.start_embedding.dtype) / self.config.meta_embedding_scale
@@ -268,30 +302,31 @@ class QuietStarForCausalLM(nn.Module):
             decoder = self.base_model.get_decoder()
         return decoder
 
-    # ----------------------------------------------------------------------------- forward
+    # ----------------------------------------------------------------------------- one step
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Step inputs for token ids ``(R, L)``: a gather, or the authors' one-hot matmul."""
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Step inputs ``(R, L, H)`` for token ids ``(R, L)``: a gather, or the authors' one-hot matmul."""
         E = self.base_model.get_input_embeddings().weight  # (V, H)
         if self.config.embedding_lookup == "one_hot":
             one_hot = F.one_hot(ids, E.shape[0]).to(E.dtype)  # (R, L, V)
             return one_hot @ E
         return F.embedding(ids, E)
 
-    def _meta_input(self, param: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    def meta_input(self, param: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """The step input ``(rows, length, H)`` of a meta token: row 0 of its embedding, times the scale."""
         vec = param[0] * self.config.meta_embedding_scale  # (H,)
         return vec.expand(rows, length, -1)
 
-    def _run_step(self, embeds, positions, keep, cache: RolloutCache, step: int) -> torch.Tensor:
+    def _run_step(self, embeds: torch.Tensor, roll: _Rollout, step: int) -> torch.Tensor:
         """One transformer pass of the rollout: ``L`` new tokens per row, ``(R, L, H)`` final hidden."""
         decoder = self.decoder
+        cache = roll.cache
+        cache_kw = {cache_keyword(decoder): cache}
 
         def run(x):
             cache.step = step
-            with thought_step(key_padding_mask=keep, step=step):
-                out = decoder(
-                    inputs_embeds=x, position_ids=positions + step, past_key_values=cache, use_cache=True
-                )
+            with thought_step(key_padding_mask=roll.keep, step=step):
+                out = decoder(inputs_embeds=x, position_ids=roll.positions + step, use_cache=True, **cache_kw)
             return out.last_hidden_state
 
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -361,6 +396,16 @@ class QuietStarForCausalLM(nn.Module):
             count = valid.sum()
         return ce.sum() / count.clamp_min(1)
 
+    def _nll(self, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-token CE: over non-zero entries (the authors) or over real targets."""
+        if self.config.nll_normalization == "nonzero":
+            count = (ce != 0).sum()
+        else:
+            count = valid.sum()
+        return ce.sum() / count.clamp_min(1)
+
+    # ----------------------------------------------------------------------------- forward
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -371,7 +416,7 @@ class QuietStarForCausalLM(nn.Module):
         output_logits: bool = False,
         output_hidden_states: bool = False,
     ) -> QuietStarOutput:
-        """The Quiet-STaR training forward (``quietstar.md`` section 14).
+        """The Quiet-STaR training forward (``docs/algorithm.md``, "The training loss").
 
         Args:
             input_ids: ``(B, L)`` int64 text, right-padded; the targets are the next tokens.
@@ -390,55 +435,78 @@ class QuietStarForCausalLM(nn.Module):
         if self.training:
             n_talk, n_rat, temperature = cfg.n_talk_tokens, cfg.n_rationales, cfg.thought_temperature
         else:
-            n_talk, n_rat, temperature = (
-                cfg.eval_n_talk_tokens,
-                cfg.eval_n_rationales,
-                cfg.eval_thought_temperature,
-            )
+            n_talk, n_rat = cfg.eval_n_talk_tokens, cfg.eval_n_rationales
+            temperature = cfg.eval_thought_temperature
         self._check_inputs(input_ids, attention_mask, thought_tokens, n_talk, n_rat)
-        n_think = cfg.n_thought_tokens
+        roll = self._start_rollout(input_ids, attention_mask, n_rat, n_talk)
+        base = self.read_text(roll)
+        thoughts = self.think(roll, thought_tokens, temperature, generator)
+        talk = self.talk(roll, base, keep_mixed=output_logits or output_hidden_states)
+        rewards, advantages, policy_loss = self.policy(roll, thoughts, talk)
+
+        loss = cfg.base_loss_weight * base.nll + cfg.talk_loss_weight * talk.nll.mean()
+        loss = loss + cfg.policy_loss_weight * policy_loss
+        W = self.lm_head_weight
+        return QuietStarOutput(
+            loss=loss,
+            base_nll=base.nll,
+            talk_nll=talk.nll,
+            policy_loss=policy_loss,
+            rewards=rewards.detach(),
+            advantages=advantages,
+            mixing_weights=talk.weights,
+            thought_tokens=torch.stack(thoughts.tokens),
+            thought_logprobs=torch.stack(thoughts.logprobs),
+            base_logprobs=-base.ce.detach(),
+            talk_logprobs=talk.logprobs,
+            logits=mixed_logits(talk.mixed0, W.detach()) if output_logits else None,
+            base_hidden=base.hidden.detach() if output_hidden_states else None,
+            mixed_hidden=talk.mixed0 if output_hidden_states else None,
+        )
+
+    def _start_rollout(self, input_ids, attention_mask, n_rat: int, n_talk: int) -> _Rollout:
+        """Each text row repeated ``n_rationales`` times (row ``b * P + p``), and an empty cache."""
         device = input_ids.device
-        B, L = input_ids.shape
-        R = B * n_rat
         x = input_ids.to(torch.int64).repeat_interleave(n_rat, dim=0)  # (R, L)
+        R, L = x.shape
         if attention_mask is None:
             keep = torch.ones(R, L, dtype=torch.bool, device=device)
         else:
             keep = attention_mask.to(torch.bool).repeat_interleave(n_rat, dim=0)  # (R, L)
+        positions = torch.arange(L, device=device).unsqueeze(0)  # (1, L)
+        return _Rollout(x, keep, positions, RolloutCache(self.decoder.config), n_rat, n_talk)
+
+    def read_text(self, roll: _Rollout) -> _Base:
+        """Step 0, the text: ``h0`` feeds the base NLL, every talk step's mix, and (through the cache)
+        every later step."""
         W = self.lm_head_weight  # (V, H)
         H = W.shape[1]
-        positions = torch.arange(L, device=device).unsqueeze(0)  # (1, L); step a uses j + a
-        cache = RolloutCache(self.decoder.config)
+        text_embeds = self.base_model.get_input_embeddings()(roll.x)  # (R, L, H)
+        h0 = self._run_step(text_embeds, roll, 0)  # (R, L, H)
+        tgt1, valid1 = roll.targets(1)
+        ce = -mixed_token_logprobs(h0.reshape(-1, H), None, None, W, tgt1.reshape(-1))
+        ce = ce.view(roll.rows, roll.length)  # (R, L)
+        return _Base(h0, ce, self._nll(ce, valid1))
 
-        def targets(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """(R, L) ids of x_{j+shift} where it is a real token, else IGNORE; and validity."""
-            tgt = torch.full_like(x, IGNORE)
-            valid = torch.zeros_like(keep)
-            if shift < L:
-                valid[:, : L - shift] = keep[:, shift:]
-                tgt[:, : L - shift] = torch.where(keep[:, shift:], x[:, shift:], IGNORE)
-            return tgt, valid
+    def think(self, roll: _Rollout, thought_tokens, temperature: float, generator) -> _Thoughts:
+        """Steps 1 .. n+1: ``<start>``, then ``t_1 .. t_n``; ``t_a`` is drawn from step ``a``'s output.
 
-        # Step 0: the text. h0 feeds the base NLL, every talk step's mix, and (through the cache) all steps.
-        text_embeds = self.base_model.get_input_embeddings()(x)  # (R, L, H)
-        h0 = self._run_step(text_embeds, positions, keep, cache, 0)  # (R, L, H)
-        tgt1, valid1 = targets(1)
-        ce_base = -mixed_token_logprobs(h0.reshape(-1, H), None, None, W, tgt1.reshape(-1)).view(
-            R, L
-        )  # (R, L)
-        base_nll = self._nll(ce_base, valid1)
-
-        # Thought steps 1 .. n+1: <start>, t_1 .. t_n; sample t_a from step a's output for a <= n.
-        # The policy term needs log-probabilities with a gradient only where the advantage is
-        # non-zero (with clipping, at most about half the positions), and the advantages are known
-        # only after the talk steps: the tokens are drawn now without a graph, and the log-probs
-        # that carry the gradient are recomputed at the end for those positions only.
-        tokens, logps, states = [], [], []
-        banned = [self.start_id, self.end_id]
+        The policy term needs log-probabilities with a gradient only where the advantage is non-zero
+        (with clipping, at most about half the positions), and the advantages are known only after
+        the talk steps: the tokens are drawn here without a graph, and :meth:`policy` recomputes the
+        log-probs that carry the gradient for those positions only.
+        """
+        cfg = self.config
+        n_think = cfg.n_thought_tokens
+        R, L = roll.rows, roll.length
+        W = self.lm_head_weight  # (V, H)
+        H = W.shape[1]
         W_think = W[: W.shape[0] - 2]  # the meta ids are the last two rows: never drawn, no mass
-        step_input = self._meta_input(self.start_embedding, R, L)
+        banned = [self.start_id, self.end_id]
+        out = _Thoughts([], [], [])
+        step_input = self.meta_input(self.start_embedding, R, L)
         for a in range(1, n_think + 2):
-            h = self._run_step(step_input, positions, keep, cache, a)  # (R, L, H)
+            h = self._run_step(step_input, roll, a)  # (R, L, H)
             if a > n_think:
                 break  # step n+1 reads t_n; its output is unused (<end> is forced next)
             with torch.no_grad():
@@ -456,274 +524,77 @@ class QuietStarForCausalLM(nn.Module):
                     t = thought_tokens[a - 1].to(torch.int64).reshape(-1)
                     lp = mixed_token_logprobs(hf / cfg.reinforce_temperature, None, None, W_think.detach(), t)
             t = t.view(R, L)
-            tokens.append(t)
-            logps.append(lp.view(R, L))
-            states.append(h)
-            step_input = self._embed(t)
+            out.tokens.append(t)
+            out.logprobs.append(lp.view(R, L))
+            out.states.append(h)
+            step_input = self.embed(t)
+        return out
 
-        # Talk steps: <end>, then the true tokens x_{j+1} .. x_{j+K-1}; step s predicts x_{j+1+s}.
-        step_input = self._meta_input(self.end_embedding, R, L)
-        first_talk = n_think + 2
-        talk_nll, deltas, weights, talk_lp = [], [], [], []
+    def talk(self, roll: _Rollout, base: _Base, *, keep_mixed: bool) -> _Talk:
+        """Talk steps ``s = 0 .. K-1``: ``<end>``, then the true tokens ``x_{j+1} .. x_{j+K-1}``;
+        step ``s`` mixes its state with the base state and predicts ``x_{j+1+s}``."""
+        R, L, K = roll.rows, roll.length, roll.n_talk
+        W = self.lm_head_weight  # (V, H)
+        H = W.shape[1]
+        n_reward = roll.n_reward
+        h0, ce_base = base.hidden, base.ce
+        nll, logprobs, gains, weights = [], [], [], []
         mixed0 = None
-        n_reward = L - n_talk - 1
-        for s in range(n_talk):
-            h = self._run_step(step_input, positions, keep, cache, first_talk + s)  # (R, L, H)
+        step_input = self.meta_input(self.end_embedding, R, L)
+        first_talk = self.config.n_thought_tokens + 2
+        for s in range(K):
+            h = self._run_step(step_input, roll, first_talk + s)  # (R, L, H)
             # The base state at j + s predicts the same token as this stream (roll left by s; the
             # last s rows wrap around and fall outside every target).
             hb = torch.roll(h0, shifts=-s, dims=1) if s else h0
             w = self.mixing_head(torch.cat([hb, h], dim=-1))  # (R, L, 1)
-            tgt, valid = targets(1 + s)
+            tgt, valid = roll.targets(1 + s)
             ce = -mixed_token_logprobs(hb.reshape(-1, H), h.reshape(-1, H), w.reshape(-1), W, tgt.reshape(-1))
             ce = ce.view(R, L)
-            if s == 0 and (output_logits or output_hidden_states):
+            if s == 0 and keep_mixed:
                 mixed0 = mix_hidden(hb.detach(), h.detach(), w.detach())  # (R, L, H) float32
-            talk_lp.append(-ce.detach())
-            talk_nll.append(self._nll(ce, valid))
-            deltas.append(ce_base.detach()[:, s : s + n_reward] - ce.detach()[:, :n_reward])
+            logprobs.append(-ce.detach())
+            nll.append(self._nll(ce, valid))
+            gains.append(ce_base.detach()[:, s : s + n_reward] - ce.detach()[:, :n_reward])
             weights.append(w.detach().view(R, L))
-            if s + 1 < n_talk:
-                nxt = torch.full_like(x, self.pad_token_id)
-                nxt[:, : L - s - 1] = x[:, s + 1 :]
-                step_input = self._embed(nxt)
+            if s + 1 < K:
+                nxt = torch.full_like(roll.x, self.pad_token_id)
+                nxt[:, : L - s - 1] = roll.x[:, s + 1 :]
+                step_input = self.embed(nxt)
+        return _Talk(
+            torch.stack(nll), torch.stack(logprobs), torch.stack(gains), torch.stack(weights), mixed0
+        )
 
-        # REINFORCE: r_j = sum_s (log p_talk - log p_base); baseline = mean over the rationales.
-        rewards = torch.stack(deltas).sum(0)  # (R, L-K-1)
+    def policy(self, roll: _Rollout, thoughts: _Thoughts, talk: _Talk):
+        """REINFORCE: ``r_j = sum_s (log p_talk,s - log p_base)``, the baseline the mean over the
+        rationales of the same text, and ``policy = mean_k mean_{rows, j < L-K-1} (-A log p(t_k))``
+        with ``log p = log_softmax(z_k / T_r)``. Returns ``(rewards, advantages, policy_loss)``."""
+        cfg = self.config
+        R, n_rat, n_reward = roll.rows, roll.n_rationales, roll.n_reward
+        n_think = cfg.n_thought_tokens
+        rewards = talk.gains.sum(0)  # (R, L-K-1)
         adv = rewards
         if cfg.baseline == "mean_rationales" and n_rat > 1:  # the authors: trice_mode needs P > 1
-            grouped = rewards.view(B, n_rat, n_reward)
+            grouped = rewards.view(R // n_rat, n_rat, n_reward)
             adv = (grouped - grouped.mean(dim=1, keepdim=True)).view(R, n_reward)
         if cfg.clip_negative_advantages:
             adv = adv.clamp_min(0)
         adv = adv.detach()
-        thought_logprobs = torch.stack(logps)  # (n, R, L), detached
-        # policy = mean_k mean_{rows, j < L-K-1} (-A * log_softmax(z_k / T_r)[t_k])
         live = adv != 0  # (R, L-K-1): the positions whose log-probs get a gradient
         if torch.is_grad_enabled() and bool(live.any()):
+            W = self.lm_head_weight
+            W_think = W[: W.shape[0] - 2]
             rows, cols = live.nonzero(as_tuple=True)
-            h_live = torch.cat([h[rows, cols] for h in states])  # (n * M, H)
-            t_live = torch.cat([t[rows, cols] for t in tokens])  # (n * M,)
+            h_live = torch.cat([h[rows, cols] for h in thoughts.states])  # (n * M, H)
+            t_live = torch.cat([t[rows, cols] for t in thoughts.tokens])  # (n * M,)
             lp_live = mixed_token_logprobs(h_live / cfg.reinforce_temperature, None, None, W_think, t_live)
             weighted = adv[rows, cols].repeat(n_think) * lp_live
             policy_loss = -weighted.sum() / (n_think * R * n_reward)
         else:
-            policy_loss = (-(adv.unsqueeze(0) * thought_logprobs[:, :, :n_reward])).mean(dim=(1, 2)).mean()
-
-        talk = torch.stack(talk_nll)  # (K,)
-        loss = cfg.base_loss_weight * base_nll + cfg.talk_loss_weight * talk.mean()
-        loss = loss + cfg.policy_loss_weight * policy_loss
-        return QuietStarOutput(
-            loss=loss,
-            base_nll=base_nll,
-            talk_nll=talk,
-            policy_loss=policy_loss,
-            rewards=rewards.detach(),
-            advantages=adv,
-            mixing_weights=torch.stack(weights),
-            thought_tokens=torch.stack(tokens),
-            thought_logprobs=thought_logprobs,
-            base_logprobs=-ce_base.detach(),
-            talk_logprobs=torch.stack(talk_lp),
-            logits=mixed_logits(mixed0, W.detach()) if output_logits else None,
-            base_hidden=h0.detach() if output_hidden_states else None,
-            mixed_hidden=mixed0 if output_hidden_states else None,
-        )
+            logprobs = torch.stack(thoughts.logprobs)  # (n, R, L), detached
+            policy_loss = (-(adv.unsqueeze(0) * logprobs[:, :, :n_reward])).mean(dim=(1, 2)).mean()
+        return rewards, adv, policy_loss
 
     def generate(self, input_ids, attention_mask: torch.Tensor | None = None, **kwargs):
         """Generate with a thought before every token: :func:`qstar.generate` with this model."""
-        from .generation import generate
-
-        return generate(self, input_ids, attention_mask, **kwargs)
-
-    # ----------------------------------------------------------------------------- save / load
-
-    def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters that are not the base model's: the meta embeddings and the mixing head."""
-        sd = {"start_embedding": self.start_embedding, "end_embedding": self.end_embedding}
-        sd.update({f"mixing_head.{k}": v for k, v in self.mixing_head.state_dict().items()})
-        return {k: v.detach().contiguous() for k, v in sd.items()}
-
-    def load_heads_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        want = set(self.heads_state_dict())
-        if set(sd) != want:
-            raise ValueError(
-                f"head weights: expected keys {sorted(want)}, missing {sorted(want - set(sd))}, "
-                f"unexpected {sorted(set(sd) - want)}"
-            )
-        with torch.no_grad():
-            self.start_embedding.copy_(sd["start_embedding"])
-            self.end_embedding.copy_(sd["end_embedding"])
-            self.mixing_head.load_state_dict(
-                {k.removeprefix("mixing_head."): v for k, v in sd.items() if k.startswith("mixing_head.")}
-            )
-
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """Write the base model (HF format), the tokenizer (if any), the heads and the config."""
-        from safetensors.torch import save_file
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.base_model.save_pretrained(out, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(out)
-        save_file({k: v.cpu() for k, v in self.heads_state_dict().items()}, str(out / HEADS_NAME))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "quietstar": self.config.to_dict(),
-            "start_id": self.start_id,
-            "end_id": self.end_id,
-            "pad_token_id": self.pad_token_id,
-        }
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, config: QuietStarConfig | None = None, **model_kwargs):
-        """Load what :meth:`save_pretrained` wrote. ``config`` overrides the saved method config
-        (the head shape must match); ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``."""
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        directory = Path(directory)
-        meta_path = directory / CONFIG_NAME
-        if not meta_path.exists():
-            raise FileNotFoundError(
-                f"{meta_path} not found: not a QuietStarForCausalLM directory (for the authors' "
-                "checkpoints use QuietStarForCausalLM.from_authors_checkpoint)"
-            )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
-            )
-        config = config or QuietStarConfig.from_dict(meta["quietstar"])
-        model_kwargs.setdefault("attn_implementation", "sdpa")
-        base = AutoModelForCausalLM.from_pretrained(directory, **model_kwargs)
-        tokenizer = _load_tokenizer(directory)
-        model = cls(
-            base,
-            config,
-            start_id=meta["start_id"],
-            end_id=meta["end_id"],
-            pad_token_id=meta["pad_token_id"],
-            tokenizer=tokenizer,
-        )
-        model.load_heads_state_dict(load_file(str(directory / HEADS_NAME)))
-        return model
-
-    @classmethod
-    def from_authors_checkpoint(
-        cls, directory: str | Path, *, config: QuietStarConfig | None = None, tokenizer=None, dtype=None
-    ):
-        """Load the authors' released layout (e.g. ``ezelikman/quietstar-8-ahead``, downloaded).
-
-        Their checkpoint is a Mistral state dict with extra keys: ``start_embedding``,
-        ``end_embedding`` (each ``(2, H)``, stored divided by the embedding scale) and the mixing head
-        ``talk_head.0.{0,2,4}.*``. Their own loader then overwrites the meta embeddings on the first
-        forward (``quietstar.md`` section 5); this converter keeps the trained values.
-        """
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        directory = Path(directory)
-        state = _read_state_dict(directory)
-        extras = {
-            k: state.pop(k)
-            for k in list(state)
-            if k in ("start_embedding", "end_embedding") or k.startswith("talk_head.")
-        }
-        missing = [k for k in ("start_embedding", "end_embedding") if k not in extras]
-        if missing or not any(k.startswith("talk_head.0.") for k in extras):
-            raise ValueError(
-                f"{directory}: not the authors' Quiet-STaR layout (missing {missing or 'talk_head.0.*'}); "
-                "expected start_embedding, end_embedding and talk_head.0.* next to the Mistral weights"
-            )
-        hf_config = AutoConfig.from_pretrained(directory)
-        hf_config._attn_implementation = "sdpa"
-        base = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
-        if dtype is not None:
-            base = base.to(dtype)
-        result = base.load_state_dict(state, strict=False)
-        unexpected = list(result.unexpected_keys)
-        missing_base = [k for k in result.missing_keys if k not in getattr(base, "_tied_weights_keys", {})]
-        if unexpected or missing_base:
-            raise ValueError(
-                f"{directory}: base weights do not fit: missing {missing_base}, unexpected {unexpected}"
-            )
-        head_keys = sorted({int(k.split(".")[2]) for k in extras if k.startswith("talk_head.0.")})
-        n_linear = len(head_keys)
-        inferred = (
-            QuietStarConfig(n_thought_tokens=max(1, int(getattr(hf_config, "n_ahead", 8)) - 3))
-            if config is None
-            else config
-        )
-        if inferred.mixing_head_layers != n_linear:
-            raise ValueError(
-                f"{directory}: the checkpoint's mixing head has {n_linear} linear layers, the config "
-                f"{inferred.mixing_head_layers}"
-            )
-        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(directory)
-        vocab = base.get_output_embeddings().weight.shape[0]
-        start_id, end_id = vocab - 2, vocab - 1
-        if tokenizer is not None:
-            ids = tokenizer.convert_tokens_to_ids([inferred.start_token, inferred.end_token])
-            unk = getattr(tokenizer, "unk_token_id", None)
-            if any(i is None or i == unk for i in ids) and len(tokenizer) == vocab - 2:
-                # A base tokenizer without the meta tokens (e.g. Mistral's own): add them; they
-                # become the last two ids, which is where the checkpoint keeps them.
-                tokenizer.add_special_tokens(
-                    {"additional_special_tokens": [inferred.start_token, inferred.end_token]}
-                )
-                ids = tokenizer.convert_tokens_to_ids([inferred.start_token, inferred.end_token])
-            if any(i is None or i == unk for i in ids):
-                raise ValueError(
-                    f"{directory}: the tokenizer has no {inferred.start_token!r} / {inferred.end_token!r} "
-                    f"tokens and {len(tokenizer)} tokens for a vocabulary of {vocab}: pass the tokenizer "
-                    "the checkpoint was trained with"
-                )
-            start_id, end_id = ids
-        pad = getattr(hf_config, "pad_token_id", None)
-        if tokenizer is not None:
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            pad = getattr(hf_config, "eos_token_id", 2)
-        model = cls(
-            base, inferred, start_id=start_id, end_id=end_id, pad_token_id=int(pad), tokenizer=tokenizer
-        )
-        heads = {"start_embedding": extras["start_embedding"], "end_embedding": extras["end_embedding"]}
-        heads.update(
-            {
-                f"mixing_head.{k.removeprefix('talk_head.0.')}": v
-                for k, v in extras.items()
-                if k.startswith("talk_head.0.")
-            }
-        )
-        model.load_heads_state_dict(heads)
-        return model
-
-
-def _load_tokenizer(directory: Path):
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((directory / n).exists() for n in names):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: safetensors (single or sharded) or pytorch_model*.bin."""
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("*.safetensors"))
-    files = [f for f in files if f.name != HEADS_NAME]
-    if files:
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(directory.glob("pytorch_model*.bin"))
-    if bins:
-        state = {}
-        for f in bins:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        return state
-    raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model*.bin weights found")
+        return _generate(self, input_ids, attention_mask, **kwargs)

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from qstar_kernels.hf import cache_keyword
+
 
 def loss_mean(x: torch.Tensor) -> torch.Tensor:
     """The authors' mean: sum over the count of non-zero entries (ignored labels give exact zeros)."""
@@ -94,8 +96,8 @@ def run_step(lm, inputs_embeds, mask, position_ids, cache):
         inputs_embeds=inputs_embeds,
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_keyword(lm.model): cache},
     )
     return out.last_hidden_state
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from quietstar_helpers import tiny_mistral
+from tiny_models import tiny_mistral
 
 import qstar.eval as ev
 from qstar import QuietStarConfig, QuietStarForCausalLM

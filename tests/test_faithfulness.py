@@ -1,5 +1,5 @@
 """Faithfulness: QuietStarForCausalLM against the plain, literal implementation of the authors'
-algorithm (``qstar/reference.py``, ``quietstar.md`` section 14).
+algorithm (``qstar/reference.py``; ``docs/method.md``, "Faithfulness").
 
 Same weights, same inputs, injected thoughts, float32, a non-zero mixing head (with the authors' zero
 initialisation every reward is exactly 0 and the policy term tests nothing). The bar is 1e-5
@@ -14,7 +14,7 @@ import dataclasses
 
 import pytest
 import torch
-from quietstar_helpers import char_tokenizer, random_thoughts, text_batch, tiny_mistral
+from tiny_models import random_thoughts, text_batch, tiny_mistral, tiny_tokenizer
 
 from qstar import QuietStarForCausalLM, get_preset
 from qstar.reference import plain_quietstar_forward
@@ -32,7 +32,7 @@ def _rel(got, want):
 def _pair(preset: str, n_thought: int, n_talk: int, seed: int, dtype=torch.float32):
     """Our model and an unpatched twin of its base model, the heads copied by value."""
     method = dataclasses.replace(get_preset(preset).method, n_thought_tokens=n_thought, n_talk_tokens=n_talk)
-    tok = char_tokenizer()
+    tok = tiny_tokenizer()
     ours = QuietStarForCausalLM.from_base(tiny_mistral(len(tok), seed=seed), tok, method).train()
     gen = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():  # a non-zero head, and meta embeddings away from their shared init
@@ -155,7 +155,7 @@ def test_float32_matches_the_authors_algorithm(preset, n_thought, n_talk, L, pad
     term weighs them by 1e6; in float32 the authors' own computation of the rewards, the policy loss,
     the total loss and the total gradients is ~1e-5 away from its float64 value. For those, ours must
     be within 1e-5 of the float64 truth, or at most 2x the authors' own float32 error (the
-    flash-attn criterion of kernels.md).
+    flash-attn criterion: ``docs/kernels.md``, "Accuracy").
     """
     ours, theirs, ids, mask, thoughts = _case(preset, n_thought, n_talk, L, pad, torch.float32)
     truth = _case(preset, n_thought, n_talk, L, pad, torch.float64)

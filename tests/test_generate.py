@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quietstar_helpers import tiny_mistral
+from tiny_models import tiny_mistral, tiny_tokenizer
 
 import qstar
 from qstar import QuietStarConfig, QuietStarForCausalLM
 from qstar.generation import _filter_logits
-from qstar.tiny import tiny_tokenizer
+from qstar_kernels.hf import cache_keyword
 
 
 def make_model(n_thought=3, *, dtype=torch.float64, seed=0, layers=2, sliding_window=None, lookup="gather"):
@@ -101,7 +101,11 @@ def test_think_false_is_the_base_model():
     assert out.thoughts is None and out.mixing_weights is None
     with torch.no_grad():
         ref = base(out.sequences).logits[0, ids.shape[1] - 1 : -1]
-        hf = base.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0)
+        # generate never samples the meta tokens; HF's generate must be told so
+        banned = [model.start_id, model.end_id]
+        hf = base.generate(
+            ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0, suppress_tokens=banned
+        )
     torch.testing.assert_close(out.logits[0], ref, rtol=0, atol=1e-10)
     assert torch.equal(out.sequences, hf)
 
@@ -241,7 +245,7 @@ def test_decoder_calls_per_token_and_the_branch_is_dropped():
 
     def hook(module, args, kwargs, output):
         calls.append(kwargs["inputs_embeds"].shape[1])
-        key_lengths.append(kwargs["past_key_values"].get_seq_length())
+        key_lengths.append(kwargs[cache_keyword(module)].get_seq_length())
 
     handle = model.base_model.model.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -376,7 +380,10 @@ def test_text_keeps_the_leading_space_of_sentencepiece_tokens():
     mistral_common = pytest.importorskip(
         "mistral_common", reason="the Mistral tokenizer ships in mistral_common"
     )
-    from transformers import MistralCommonBackend
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "MistralCommonBackend"):
+        pytest.skip(f"MistralCommonBackend is in transformers 5.x, found {transformers.__version__}")
+    MistralCommonBackend = transformers.MistralCommonBackend
 
     path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
     tok = MistralCommonBackend(tokenizer_path=path)
@@ -394,3 +401,25 @@ def test_text_keeps_the_leading_space_of_sentencepiece_tokens():
             "The capital of France is", max_new_tokens=4, stop_strings=[" Paris"], think=think
         )
         assert stopped.texts[0] == " Paris" and stopped.finish_reasons[0] == "stop"
+
+
+def test_forward_and_generation_emit_no_deprecation_warnings():
+    """The cache goes to transformers under the keyword the installed release expects (``cache`` or
+    ``past_key_values``): recent 5.x warn on every call with the old one (item 8 of the redesign)."""
+    import warnings
+
+    model = make_model(2, dtype=torch.float32)
+    ids = torch.tensor([model.tokenizer.encode("Q: 1+2=3")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()(ids).loss.backward()
+        with torch.no_grad():
+            model.eval()(ids, output_logits=True)
+        for think in (True, False):
+            model.generate("Q: 1+", max_new_tokens=3, think=think, eos_token_id=None)
+    deprecations = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, FutureWarning | DeprecationWarning)
+    ]
+    assert deprecations == []

@@ -27,6 +27,8 @@ transformers = pytest.importorskip(
     "transformers", reason="the Hugging Face patch needs transformers (pip install 'qstar-kernels[hf]')"
 )
 
+from tiny_models import tiny_lm  # noqa: E402
+
 from qstar_kernels import build_additive_thought_mask  # noqa: E402
 from qstar_kernels.hf import (  # noqa: E402
     ATTN_IMPLEMENTATION,
@@ -36,6 +38,7 @@ from qstar_kernels.hf import (  # noqa: E402
     apply_qstar_kernels_to_llama,
     apply_qstar_kernels_to_mistral,
     apply_qstar_kernels_to_qwen2,
+    cache_keyword,
     is_patched,
     patched_model_types,
     revert_qstar_kernels,
@@ -70,34 +73,13 @@ def _clean_patches():
 
 def make_model(arch: str, seed: int = 0, sliding_window: int | None = None, **overrides):
     """A tiny random-initialised causal LM with GQA (4 query heads, 2 key/value heads), SDPA attention."""
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
-    common.update(overrides)
+    common = dict(hidden=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=None)
     if arch == "mistral":
-        cfg = transformers.MistralConfig(sliding_window=sliding_window, **common)
-        cls = transformers.MistralForCausalLM
-    elif arch == "llama":
-        cfg = transformers.LlamaConfig(**common)
-        cls = transformers.LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(use_sliding_window=False, **common)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        raise ValueError(arch)
+        common["sliding_window"] = sliding_window
+    common.update(overrides)
     torch.manual_seed(seed)
-    model = cls(cfg)
-    assert model.config._attn_implementation == common["attn_implementation"]
+    model = tiny_lm(VOCAB, arch=arch, seed=seed, **common)
+    assert model.config._attn_implementation == common.get("attn_implementation", "sdpa")
     return model
 
 
@@ -130,7 +112,8 @@ def rollout(
     fused=True: inside thought_step, no attention_mask (the patched path). fused=False: the authors'
     way, the dense additive mask (B, 1, L, (a+1)L) built per step and passed as attention_mask.
     ordinary_step0: run step 0 of the fused rollout as an ordinary forward with the 2-D mask.
-    Position ids j + a, a DynamicCache that grows by L keys per step (quietstar.md section 4).
+    Position ids j + a, a DynamicCache that grows by L keys per step (``docs/algorithm.md``,
+    "The parallel rollout").
     Returns per step (logits, hidden_states tuple).
     """
     from transformers import DynamicCache
@@ -143,9 +126,9 @@ def rollout(
         kwargs = dict(
             input_ids=tok,
             position_ids=pos + a,
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=hidden,
+            **{cache_keyword(model): cache},
         )
         if fused and a == 0 and ordinary_step0:
             out = model(attention_mask=keep.long(), **kwargs)
@@ -491,8 +474,10 @@ def test_masks_built_by_transformers_do_not_warn(recwarn):
     mask[0, :3] = 0
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # (2, 1, 8, 16)
+        model(input_ids=ids, attention_mask=mask[:, :8], use_cache=True, **{cache_keyword(model): cache})
+        model(
+            input_ids=ids, attention_mask=mask, use_cache=True, **{cache_keyword(model): cache}
+        )  # (2, 1, 8, 16)
     assert not [w for w in recwarn if "dense 4-D" in str(w.message)]
 
 
@@ -578,12 +563,15 @@ def test_thought_step_runtime_errors():
             for a in range(2):
                 with thought_step(step=a):
                     model(
-                        input_ids=torch.randint(2, VOCAB, (B, L)), position_ids=pos + a, past_key_values=cache
+                        input_ids=torch.randint(2, VOCAB, (B, L)),
+                        position_ids=pos + a,
+                        **{cache_keyword(model): cache},
                     )
         return cache
 
     def fwd(**kw):
-        return dict(dict(input_ids=ids, position_ids=pos + 2, past_key_values=cache_after_two_steps()), **kw)
+        cache = {cache_keyword(model): cache_after_two_steps()}
+        return dict(dict(input_ids=ids, position_ids=pos + 2, **cache), **kw)
 
     cases = [
         # (thought_step arguments, forward arguments, expected error)
@@ -653,14 +641,17 @@ def test_sliding_window_cache_that_drops_keys_is_caught():
     pos = torch.arange(L).unsqueeze(0)
     with torch.no_grad():
         with thought_step(step=0):
-            cache = model(input_ids=torch.randint(2, VOCAB, (B, L)), position_ids=pos).past_key_values
+            cache = model(input_ids=torch.randint(2, VOCAB, (B, L)), position_ids=pos, use_cache=True)
+            cache = cache["cache"] if "cache" in cache else cache["past_key_values"]  # the name by version
         drops_keys = any(getattr(cache, "is_sliding", []))
 
         def more_steps():
             for a in range(1, 4):
                 with thought_step(step=a):
                     model(
-                        input_ids=torch.randint(2, VOCAB, (B, L)), position_ids=pos + a, past_key_values=cache
+                        input_ids=torch.randint(2, VOCAB, (B, L)),
+                        position_ids=pos + a,
+                        **{cache_keyword(model): cache},
                     )
 
         if drops_keys:

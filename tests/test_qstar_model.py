@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from quietstar_helpers import char_tokenizer, random_thoughts, text_batch, tiny_mistral, tiny_quietstar
+from tiny_models import random_thoughts, text_batch, tiny_lm, tiny_mistral, tiny_quietstar, tiny_tokenizer
 
 from qstar import QuietStarConfig, QuietStarForCausalLM, get_preset
 
@@ -23,7 +23,7 @@ def _rel(a, b):
 
 
 def test_from_base_adds_meta_tokens_and_initialises_embeddings():
-    tok = char_tokenizer()
+    tok = tiny_tokenizer()
     base = tiny_mistral(len(tok))
     v0 = base.get_input_embeddings().weight.shape[0]
     model = QuietStarForCausalLM.from_base(base, tok, QuietStarConfig(**CFG))
@@ -246,7 +246,7 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     loaded = QuietStarForCausalLM.from_pretrained(tmp_path / "ckpt").train()
     assert loaded.config == model.config
-    assert (loaded.start_id, loaded.end_id, loaded.pad_token_id) == (model.start_id, model.end_id, 2)
+    assert (loaded.start_id, loaded.end_id, loaded.pad_token_id) == (model.start_id, model.end_id, 0)  # <pad>
     sd_a, sd_b = model.state_dict(), loaded.state_dict()
     assert set(sd_a) == set(sd_b)
     for k in sd_a:
@@ -297,7 +297,7 @@ def test_from_authors_checkpoint_keeps_the_trained_meta_embeddings(tmp_path):
     inferred = QuietStarForCausalLM.from_authors_checkpoint(tmp_path / "authors")
     assert inferred.config.n_thought_tokens == 3
     # the base model's tokenizer (no meta tokens): they are added, as the last two ids
-    plain_tok = char_tokenizer()
+    plain_tok = tiny_tokenizer()
     with_base_tok = QuietStarForCausalLM.from_authors_checkpoint(tmp_path / "authors", tokenizer=plain_tok)
     assert (with_base_tok.start_id, with_base_tok.end_id) == (model.start_id, model.end_id)
     assert plain_tok.convert_ids_to_tokens([model.start_id]) == ["<|startthought|>"]
@@ -311,7 +311,7 @@ def test_from_authors_checkpoint_keeps_the_trained_meta_embeddings(tmp_path):
     [
         (dict(thought_tokens=torch.zeros(2, 4, 12, dtype=torch.long)), "thought_tokens must have shape"),
         (
-            dict(thought_tokens=torch.full((3, 4, 12), 31, dtype=torch.long)),
+            dict(thought_tokens=torch.full((3, 4, 12), 102, dtype=torch.long)),  # <|startthought|>
             "must not contain the meta tokens",
         ),
         (dict(attention_mask=torch.ones(2, 11)), "attention_mask must have the shape"),
@@ -330,7 +330,7 @@ def test_bad_lengths_ids_and_configs_raise_clearly():
     with pytest.raises(ValueError, match="at least n_talk_tokens \\+ 2"):
         model(torch.randint(3, 20, (2, 3)))
     with pytest.raises(ValueError, match="input_ids must be ids in"):
-        model(torch.full((2, 8), 99))
+        model(torch.full((2, 8), model.vocab_size))
     with pytest.raises(ValueError, match="input_ids must be a \\(B, L\\) tensor"):
         model(torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="n_rationales must be > 0"):
@@ -342,9 +342,11 @@ def test_bad_lengths_ids_and_configs_raise_clearly():
 
 
 def test_transformers_gradient_checkpointing_is_refused():
-    tok = char_tokenizer()
+    tok = tiny_tokenizer()
     base = tiny_mistral(len(tok))
-    base.gradient_checkpointing_enable()
+    # transformers 5.x renamed it (the old name warns); 4.53 has only gradient_checkpointing_enable
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable()
     with pytest.raises(ValueError, match="QuietStarConfig.gradient_checkpointing"):
         QuietStarForCausalLM.from_base(base, tok, QuietStarConfig(**CFG))
 
@@ -374,24 +376,9 @@ def test_presets_differ_as_documented():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_other_architectures_wrap_and_keep_thoughts_private(arch):
     """from_base works on any causal LM the patch supports: Llama and Qwen2 here."""
-    import transformers
-
-    tok = char_tokenizer()
-    cls, cfg_cls = {
-        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
-        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
-    }[arch]
-    torch.manual_seed(0)
-    cfg = cfg_cls(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    model = QuietStarForCausalLM.from_base(cls(cfg), tok, QuietStarConfig(**CFG)).train()
+    tok = tiny_tokenizer()
+    base = tiny_lm(len(tok), arch=arch)
+    model = QuietStarForCausalLM.from_base(base, tok, QuietStarConfig(**CFG)).train()
     with torch.no_grad():
         model.mixing_head[-1].weight.normal_(0, 0.5)
     ids, mask = text_batch(2, 12, pad_last=2)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import tiny_lm  # noqa: E402
+
 from qstar.reference import (  # noqa: E402
     base_causal_mask,
     extend_mask,
@@ -29,23 +31,17 @@ LAST_REAL = L - N_PAD - 1
 
 
 def make_setup(seed: int = 0, zero_head: bool = False):
-    cfg = transformers.MistralConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
+    torch.manual_seed(seed)  # the heads and meta embeddings below draw from the global RNG
+    lm = tiny_lm(
+        V,
+        hidden=H,
         max_position_embeddings=128,
-        attn_implementation="sdpa",
         initializer_range=0.1,  # larger than default: attention patterns far from uniform
         pad_token_id=PAD,
         bos_token_id=1,
         eos_token_id=None,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    lm = transformers.MistralForCausalLM(cfg)
     head = torch.nn.Sequential(
         torch.nn.Linear(2 * H, H),
         torch.nn.ReLU(),
@@ -76,7 +72,8 @@ def forward(lm, head, start, end, ids, keep, thoughts, **kw):
 
 
 def test_mask_matches_the_note_example():
-    """quietstar.md 4.1.3: L=5, last position padding, step 2."""
+    """The worked mask example (``docs/algorithm.md``, "The thought mask"): L=5, last position
+    padding, step 2."""
     keep = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
     m = extend_mask(extend_mask(base_causal_mask(keep, torch.float32), 5), 5)
     assert m.shape == (1, 1, 5, 15)

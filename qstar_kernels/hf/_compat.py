@@ -12,6 +12,10 @@ What differs inside the range, and how it is handled here:
 * 5.x can tell whether a model class dispatches through ``AttentionInterface``
   (``_can_set_attn_implementation``); on 4.53 the same question is answered from the class's
   module source.
+* The KV cache keyword: recent 5.x releases take ``cache=`` and warn (``FutureWarning``) on every
+  call that ``past_key_values=`` goes away in 5.40; 4.53 .. early 5.x know only ``past_key_values=``
+  and would silently drop an unknown ``cache=`` into ``**kwargs``. :func:`cache_keyword` reads the
+  name from the model's ``forward`` signature, so one call works across the whole range.
 """
 
 from __future__ import annotations
@@ -77,6 +81,27 @@ def uses_attention_interface(model_cls: type) -> bool:
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model``'s ``forward`` takes the KV cache: ``"cache"`` where the
+    installed transformers names it so, else ``"past_key_values"``.
+
+        out = decoder(inputs_embeds=x, **{cache_keyword(decoder): cache}, use_cache=True)
+    """
+    cls = type(model)
+    name = _CACHE_KEYWORDS.get(cls)
+    if name is None:
+        try:
+            params = inspect.signature(cls.forward).parameters  # follows the decorators' __wrapped__
+        except (TypeError, ValueError):
+            params = {}
+        name = "cache" if "cache" in params else "past_key_values"
+        _CACHE_KEYWORDS[cls] = name
+    return name
 
 
 def set_attn_implementation(model, name: str) -> None:

@@ -183,7 +183,8 @@ def _thought_forward(state: ThoughtStep, module, query, key, value, attention_ma
         raise ValueError(
             f"qstar_kernels.hf: {layer} sees {Lk} keys with L = {L} new tokens; a thought step needs {want} "
             "keys: the text block plus one block of L per earlier step. Pass the DynamicCache of the "
-            "previous steps as past_key_values with use_cache=True. A cache with sliding-window layers (the "
+            "previous steps as the cache (past_key_values=, or cache= where transformers renamed it: see "
+            "qstar_kernels.hf.cache_keyword) with use_cache=True. A cache with sliding-window layers (the "
             "model's own DynamicCache(config=...) when config.sliding_window is set) drops old keys: create "
             "the cache with DynamicCache() instead"
         )

@@ -1,8 +1,8 @@
 """Marking a forward as a Quiet-STaR thought step: the ``thought_step`` context manager.
 
-A Quiet-STaR rollout (``quietstar.md`` section 4) runs the model once per step on ``L`` new tokens,
-one per text position, with a ``DynamicCache`` that holds the keys of every earlier step: the text
-block, then one block of ``L`` per step. Inside ``thought_step(...)`` a patched model
+A Quiet-STaR rollout (``docs/algorithm.md``, "The parallel rollout") runs the model once per step
+on ``L`` new tokens, one per text position, with a ``DynamicCache`` that holds the keys of every
+earlier step: the text block, then one block of ``L`` per step. Inside ``thought_step(...)`` a patched model
 
 * builds no attention mask at all (its mask function returns None), and
 * computes attention with :func:`qstar_kernels.thought_attention`: causal over the text block, plus
@@ -120,9 +120,9 @@ def thought_step(key_padding_mask: torch.Tensor | None = None, *, step: int | No
             takes ``a`` from the cache length.
 
     Inside the block, call the model with ``L`` new tokens per row, ``position_ids`` ``j + a``,
-    ``past_key_values`` the ``DynamicCache`` of the earlier steps, ``use_cache=True`` and no
-    ``attention_mask``. Every patched attention layer then calls
-    :func:`qstar_kernels.thought_attention` and no dense mask is built.
+    the ``DynamicCache`` of the earlier steps as its cache (keyword :func:`cache_keyword`:
+    ``cache`` or ``past_key_values``), ``use_cache=True`` and no ``attention_mask``. Every patched
+    attention layer then calls :func:`qstar_kernels.thought_attention` and no dense mask is built.
 
     Raises at the end of the block if no patched attention layer ran in it (an unpatched model would
     have computed plain causal attention over the whole cache). Blocks do not nest.
