@@ -103,14 +103,14 @@ def rollout(provider, model, keep, tokens):
     """Per-step logits (B, L, V) of one rollout."""
     from transformers import DynamicCache
 
-    from qstar_kernels.hf import thought_step
+    from qstar_kernels.hf import cache_keyword, thought_step
 
     B, L = keep.shape
     pos = torch.arange(L, device=keep.device).unsqueeze(0)  # (1, L); step a uses j + a
     cache = DynamicCache()
     logits = []
     for a, tok in enumerate(tokens):
-        fwd = dict(input_ids=tok, position_ids=pos + a, past_key_values=cache, use_cache=True)
+        fwd = {"input_ids": tok, "position_ids": pos + a, cache_keyword(model): cache, "use_cache": True}
         if provider == "patched":
             with thought_step(keep, step=a):
                 out = model(**fwd)

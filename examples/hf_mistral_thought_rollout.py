@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from qstar_kernels import build_additive_thought_mask
-from qstar_kernels.hf import apply_qstar_kernels_to_mistral, revert_qstar_kernels, thought_step
+from qstar_kernels.hf import apply_qstar_kernels_to_mistral, cache_keyword, revert_qstar_kernels, thought_step
 
 B, L, STEPS, VOCAB = 2, 32, 6, 256
 
@@ -53,7 +53,9 @@ def patched_rollout():
     logits = []
     for a, tokens in enumerate([text, *thoughts]):
         with thought_step(key_padding_mask=keep, step=a):
-            out = model(input_ids=tokens, position_ids=positions + a, past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=tokens, position_ids=positions + a, **{cache_keyword(model): cache}, use_cache=True
+            )
         logits.append(out.logits)  # (B, L, V)
     return torch.stack(logits)
 
@@ -67,7 +69,7 @@ def dense_mask_rollout():
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions + a,
-            past_key_values=cache,
+            **{cache_keyword(original): cache},
             use_cache=True,
         )
         logits.append(out.logits)

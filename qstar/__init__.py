@@ -12,7 +12,8 @@ from qstar_kernels import thought_attention
 
 from .config import Preset, QuietStarConfig, TrainingConfig, get_preset
 from .generation import GenerationOutput, GenerationStep, SamplingParams, generate, stream
-from .model import QuietStarForCausalLM, QuietStarOutput, build_mixing_head
+from .heads import build_mixing_head
+from .model import QuietStarForCausalLM, QuietStarOutput
 
 __all__ = [
     "GenerationOutput",

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .config import QuietStarConfig, get_preset
-from .model import CONFIG_NAME, QuietStarForCausalLM
+from .model import QuietStarForCausalLM
+from .pretrained import CONFIG_NAME
 
 log = logging.getLogger("qstar.loading")
 

@@ -45,20 +45,9 @@ from .cache import RolloutCache
 from .config import QuietStarConfig
 from .generation import generate as _generate
 from .heads import build_mixing_head, init_mixing_head, mix_hidden, mixed_logits
-from .pretrained import CONFIG_NAME, FORMAT_VERSION, HEADS_NAME, PretrainedIO
+from .pretrained import PretrainedIO
 
-# Re-exported: these lived here before heads.py / pretrained.py; new code imports them from there.
-__all__ = [
-    "CONFIG_NAME",
-    "FORMAT_VERSION",
-    "HEADS_NAME",
-    "IGNORE",
-    "QuietStarForCausalLM",
-    "QuietStarOutput",
-    "build_mixing_head",
-    "mix_hidden",
-    "mixed_logits",
-]
+__all__ = ["IGNORE", "QuietStarForCausalLM", "QuietStarOutput"]
 
 IGNORE = -100
 

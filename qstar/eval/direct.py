@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import QuietStarForCausalLM, mixed_logits
+from ..heads import mixed_logits
+from ..model import QuietStarForCausalLM
 from .data import ANSWER_MARKER
 from .forward import eval_forward, progress_bar, require_tokenizer
 
