@@ -4,7 +4,7 @@
 The question a user asks: "how much does ``apply_qstar_kernels_to_mistral`` save on a whole
 rollout, forward and backward, not just on the attention op?"
 
-The rollout (``docs/algorithm.md``, "The thought rollout"): step 0 reads the text (``L`` tokens per
+The rollout (``docs/algorithm.md``, "The parallel rollout"): step 0 reads the text (``L`` tokens per
 row), then every step feeds one new token per text position, with position ids ``j + a`` and a
 ``DynamicCache`` that grows by ``L`` keys per step; the loss is a cross-entropy on every step's
 logits (random targets, padding ignored) and the backward runs through the whole rollout, cache

@@ -6,7 +6,7 @@ One full training step (forward + backward) on the same model, weights and batch
 Providers:
 
   authors      ``qstar.reference.plain_quietstar_forward``, a literal implementation of the authors'
-               forward (``docs/algorithm.md``, "The authors' implementation"): dense additive masks
+               forward (``docs/algorithm.md``, "Cost of the authors' way"): dense additive masks
                (R, 1, L, (a+1)L) grown every step and handed to transformers' SDPA (which copies the
                key/value heads, ``repeat_kv``), full-vocabulary logits at every step (base, sampling,
                the talk steps, and the intermediate mixed losses the authors compute and throw away),

@@ -10,7 +10,7 @@ Documents come from local files or a ``datasets`` name (:func:`load_documents`):
   offline this reads the local Hugging Face cache, and a name that is not there raises an error that
   says so.
 
-Windows are built the authors' way (``docs/training.md``, "Data"; :func:`make_windows`): each
+Windows are built the authors' way (``docs/training.md``, "Data and optimisation"; :func:`make_windows`): each
 document is tokenised with BOS first (when the tokenizer has one); a document longer than
 ``seq_len`` contributes ONE random window, chosen once from the seed; a shorter one is right-padded
 with the pad id (the tokenizer's pad token, else its EOS). ``attention_mask`` marks the real tokens.

@@ -24,7 +24,7 @@ def mix_hidden(h_base: torch.Tensor, h_thought: torch.Tensor, w: torch.Tensor) -
 
     The one definition of the mixed state shared by the forward's ``logits`` and generation, so the
     two agree to the last bit given the same inputs (the fused kernel mixes in float32 too:
-    ``docs/kernels.md``, "Mixed token log-probabilities").
+    ``docs/kernels.md``, "Contract: mixed LM-head log-probabilities").
     """
     dtype = torch.float64 if h_base.dtype == torch.float64 else torch.float32
     w = w.to(dtype)

@@ -405,7 +405,7 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
         output_logits: bool = False,
         output_hidden_states: bool = False,
     ) -> QuietStarOutput:
-        """The Quiet-STaR training forward (``docs/algorithm.md``, "The training loss").
+        """The Quiet-STaR training forward (``docs/algorithm.md``, "The objective").
 
         Args:
             input_ids: ``(B, L)`` int64 text, right-padded; the targets are the next tokens.

@@ -155,7 +155,7 @@ def test_float32_matches_the_authors_algorithm(preset, n_thought, n_talk, L, pad
     term weighs them by 1e6; in float32 the authors' own computation of the rewards, the policy loss,
     the total loss and the total gradients is ~1e-5 away from its float64 value. For those, ours must
     be within 1e-5 of the float64 truth, or at most 2x the authors' own float32 error (the
-    flash-attn criterion: ``docs/kernels.md``, "Accuracy").
+    flash-attn criterion: ``docs/kernels.md``, "Testing rules for every kernel").
     """
     ours, theirs, ids, mask, thoughts = _case(preset, n_thought, n_talk, L, pad, torch.float32)
     truth = _case(preset, n_thought, n_talk, L, pad, torch.float64)

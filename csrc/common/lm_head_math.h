@@ -1,4 +1,4 @@
-// Per-element maths of the fused LM-head ops (docs/kernels.md, "Mixed LM-head log-probabilities"),
+// Per-element maths of the fused LM-head ops (docs/kernels.md, "Contract: mixed LM-head log-probabilities"),
 // shared by the CPU kernels (csrc/cpu/lm_head.cpp) and the CUDA kernels (csrc/cuda/mixing.cu), so
 // that the CPU tests exercise the arithmetic the GPU runs. Plain inline functions on scalars, no
 // torch.

@@ -1,6 +1,6 @@
 // The fused LM-head ops on the CPU (mixed_token_logprobs, sample_thought_tokens): tiled passes over
-// the logits z = h @ weight.T that never hold (N, V). The contracts: docs/kernels.md, "Mixed LM-head
-// log-probabilities" and "Thought-token sampling"; the design: lm_head.cpp. h: (n, H) and
+// the logits z = h @ weight.T that never hold (N, V). The contracts: docs/kernels.md, "Contract: mixed
+// LM-head log-probabilities" and "Contract: thought-token sampling"; the design: lm_head.cpp. h: (n, H) and
 // weight: (V, H), contiguous, both float32 or both float64, on the CPU; block_rows x block_cols is
 // the tile shape.
 #pragma once

@@ -1,5 +1,5 @@
 // Thought attention ("diagonal-plus-causal"), the C++/OpenMP CPU kernels. The contract:
-// docs/kernels.md, "Thought attention"; the design: thought_attention.cpp.
+// docs/kernels.md, "Contract: thought attention"; the design: thought_attention.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

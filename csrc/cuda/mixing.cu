@@ -1,4 +1,4 @@
-// CUDA kernels of mixed_token_logprobs (docs/kernels.md, "Mixed LM-head log-probabilities"):
+// CUDA kernels of mixed_token_logprobs (docs/kernels.md, "Contract: mixed LM-head log-probabilities"):
 // everything around the LM-head GEMMs, which cuBLAS runs. The per-element maths is common/lm_head_math.h and
 // common/softmax_math.h, shared with the CPU kernels (csrc/cpu/lm_head.cpp).
 //

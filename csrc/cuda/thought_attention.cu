@@ -1,6 +1,6 @@
 // Thought attention on the GPU: causal (optionally windowed, padded) attention over the text block
 // plus one diagonal key per thought block, merged in one exact softmax (the contract:
-// docs/kernels.md, "Thought attention").
+// docs/kernels.md, "Contract: thought attention").
 //
 // Design (correctness first; every stage is short and reads like the maths)
 // -------------------------------------------------------------------------
@@ -185,7 +185,7 @@ __device__ __forceinline__ void block_mm(const T* A, int lda, const T* Bm, int l
   }
 }
 
-// Whether query i may attend to text key j (docs/kernels.md, "Thought attention"), i and j in
+// Whether query i may attend to text key j (docs/kernels.md, "Contract: thought attention"), i and j in
 // [0, L).
 __device__ __forceinline__ bool text_allowed(int i, int j, int L, int window, const bool* keep_b) {
   return i < L && j <= i && (window <= 0 || i - j < window) && (keep_b == nullptr || keep_b[j]);
