@@ -13,7 +13,6 @@ import functools
 
 import torch
 
-
 #: Test hook: fill every buffer the kernels write with NaN first, so a test can check that each
 #: element was written.
 POISON_OUTPUTS = False

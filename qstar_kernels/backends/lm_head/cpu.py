@@ -1,5 +1,5 @@
-"""The ``"cpu"`` backend of the LM-head ops: each pass of :mod:`qstar_kernels.lm_head_tiled` runs in C++
-(``csrc/cpu/lm_head.cpp``): OpenMP over vocabulary blocks, single-threaded BLAS GEMMs per tile,
+"""The ``"cpu"`` backend of the LM-head ops: each pass of :class:`.base.LMHeadPasses` runs in
+C++ (``csrc/cpu/lm_head.cpp``): OpenMP over vocabulary blocks, single-threaded BLAS GEMMs per tile,
 vectorised row loops. Tiles are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
 widened on entry."""
 

@@ -1,5 +1,5 @@
-"""The ``"cuda"`` backend of ``mixed_token_logprobs``: the tiled algorithm of
-:mod:`qstar_kernels.lm_head_tiled` with cuBLAS GEMMs (``torch.mm`` in the inputs' dtype, so float16/bfloat16
+"""The ``"cuda"`` backend of ``mixed_token_logprobs``: the tile loop of
+:class:`.base.TiledPasses` with cuBLAS GEMMs (``torch.mm`` in the inputs' dtype, so float16/bfloat16
 use the tensor cores) and the CUDA kernels of ``csrc/cuda/mixing.cu`` for every other stage:
 
 * the fused mix prologue ``(1 - w) h_base + w h_thought`` and its backward epilogue;

@@ -1,5 +1,5 @@
-"""The ``"triton"`` backend of the LM-head ops: the Python tile loop of :mod:`qstar_kernels.lm_head_tiled` with
-cuBLAS GEMMs (``torch.mm``, in the inputs' dtype, so float16/bfloat16 use the tensor cores) and the
+"""The ``"triton"`` backend of the LM-head ops: the Python tile loop of :class:`.base.TiledPasses`
+with cuBLAS GEMMs (``torch.mm``, in the inputs' dtype, so float16/bfloat16 use the tensor cores) and the
 Triton row kernels of :mod:`.triton_kernels` for everything that touches a tile
 element-wise (the log-sum-exp, the Gumbel-max draw, the gradient of the log-softmax), in float32.
 
