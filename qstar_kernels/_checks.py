@@ -31,6 +31,8 @@ def reject_non_number(name: str, x, what: str) -> None:
 
     ``what`` completes the message "``name`` must be ...", e.g. "None or a real number".
     """
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return  # the common case
     bad = isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_"
     if isinstance(x, torch.Tensor):
         bad = bad or x.dim() != 0 or x.dtype == torch.bool or x.is_complex() or x.requires_grad

@@ -247,20 +247,22 @@ def sample_thought_tokens_fwd(
     logprob_temperature: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens (N,) int64, logp (N,), lse (N,)); ``banned`` any int64 ids (checked here);
-    ``seed`` a 0-d int64 tensor (ignored when ``temperature == 0``)."""
+    """(logp (N,), tokens (N,) int64, lse (N,)); ``banned`` any int64 ids (checked here);
+    ``seed`` a 0-d int64 tensor (ignored when ``temperature == 0``). (A floating output first:
+    opcheck's autograd test sums the outputs into the first one's dtype.)"""
     banned = _banned_on(h, banned, weight.shape[0])
     seed_value = 0 if temperature == 0 else int(seed)
-    return tiled.sample_forward(
+    tokens, logp, lse = tiled.sample_forward(
         h, weight, banned, temperature, logprob_temperature, seed_value, passes_for(backend)
     )
+    return logp, tokens, lse
 
 
 @sample_thought_tokens_fwd.register_fake
 def _(h, weight, banned, seed, temperature, logprob_temperature, backend):
     n = (h.shape[0],)
     acc = acc_dtype(h)
-    return h.new_empty(n, dtype=torch.int64), h.new_empty(n, dtype=acc), h.new_empty(n, dtype=acc)
+    return h.new_empty(n, dtype=acc), h.new_empty(n, dtype=torch.int64), h.new_empty(n, dtype=acc)
 
 
 @torch.library.custom_op("qstar::sample_thought_tokens_bwd", mutates_args=())
@@ -290,14 +292,14 @@ def _(grad_logp, h, weight, banned, tokens, lse, logprob_temperature, backend, n
 
 def _sample_setup(ctx, inputs, output):
     h, weight, banned, seed, temperature, logprob_temperature, backend = inputs
-    tokens, _, lse = output
+    _, tokens, lse = output
     ctx.save_for_backward(h, weight, banned, tokens, lse)
     ctx.logprob_temperature, ctx.backend = logprob_temperature, backend
     ctx.mark_non_differentiable(tokens, lse)
     ctx.set_materialize_grads(False)
 
 
-def _sample_backward(ctx, _grad_tokens, grad_logp, _grad_lse):
+def _sample_backward(ctx, grad_logp, _grad_tokens, _grad_lse):
     _refuse_double_backward("sample_thought_tokens", ctx.backend, "backend='reference'")
     if grad_logp is None:
         return (None,) * 7

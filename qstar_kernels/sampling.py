@@ -132,7 +132,7 @@ def sample_thought_tokens(
         )
     # Greedy calls draw nothing (the generator's state is left as it was).
     seed = torch.zeros((), dtype=torch.int64) if temperature == 0 else _seed_tensor(generator, h.device)
-    tokens, logp, _ = custom_ops.sample_thought_tokens_fwd(
+    logp, tokens, _ = custom_ops.sample_thought_tokens_fwd(
         h, weight, banned, seed, temperature, logprob_temperature, chosen
     )
     return tokens, logp
