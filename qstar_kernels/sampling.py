@@ -1,7 +1,8 @@
 """``sample_thought_tokens``: thought tokens sampled from the LM head, and their log-probabilities
 at the REINFORCE temperature, fused (``docs/kernels.md``, "Contract: thought-token sampling";
-``docs/algorithm.md``, "REINFORCE"). The backend comes from :mod:`qstar_kernels.dispatch`; the
-fused backends run the tiled algorithm behind the custom op ``qstar::sample_thought_tokens_fwd``.
+``docs/algorithm.md``, "The policy loss (REINFORCE)"). The backend comes from
+:mod:`qstar_kernels.dispatch`; the fused backends run the tiled algorithm behind the custom op
+``qstar::sample_thought_tokens_fwd``.
 
 Shapes::
 

@@ -9,7 +9,7 @@ float16/bfloat16 run on the tensor cores (WMMA, float32 accumulation), float32 i
 Head dims 64 and 128. Inputs are made contiguous on entry (the kernels read rows of ``D``).
 
 This backend is compiled and statically checked (ptxas resources) on machines without a GPU; see
-``docs/kernels.md`` for what has and has not been run.
+``docs/kernels.md``, "CUDA status: what was checked without a GPU", for what has and has not run.
 """
 
 from __future__ import annotations
