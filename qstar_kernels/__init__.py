@@ -8,12 +8,19 @@ Public ops:
                           generator=None, backend=None)
 
 Dense masks for callers that need them: build_thought_mask, build_additive_thought_mask.
-The dense references live in :mod:`qstar_kernels.reference`.
+The dense references live in :mod:`qstar_kernels.reference`. Which backend runs an op:
+:mod:`qstar_kernels.dispatch`.
 """
 
 from . import reference
-from ._lm_head_dispatch import LM_HEAD_BACKENDS, available_lm_head_backends
-from .attention import BACKENDS, BackendUnavailableError, available_backends, thought_attention
+from .attention import thought_attention
+from .dispatch import (
+    BACKENDS,
+    LM_HEAD_BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    available_lm_head_backends,
+)
 from .masks import build_additive_thought_mask, build_thought_mask
 from .mixing import mixed_token_logprobs
 from .sampling import draw_sampling_seed, sample_thought_tokens

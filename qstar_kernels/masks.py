@@ -23,7 +23,7 @@ def build_thought_mask(L, depth, key_padding_mask=None, sliding_window=None, dev
     device = torch.device(device)
     ext = _ext.cuda_extension() if device.type == "cuda" else None
     if ext is None:
-        return _ref.build_thought_mask(L, depth, key_padding_mask, sliding_window, device=device)
+        return _ref.dense_thought_mask(L, depth, key_padding_mask, sliding_window, device=device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     keep = None

@@ -1,5 +1,7 @@
 """``mixed_token_logprobs``: the mixing head, the LM head, the log-softmax and the target gather,
-fused (``kernels.md`` section 2, ``quietstar.md`` section 6).
+fused (``docs/kernels.md``, "Contract: mixed LM-head log-probabilities"; ``docs/algorithm.md``,
+"The mixing head"). The backend comes from :mod:`qstar_kernels.dispatch`; the fused backends run
+the tiled algorithm behind the custom op ``qstar::mixed_token_logprobs_fwd``.
 
 Shapes::
 
@@ -12,20 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from . import _lm_head_dispatch as _d
-from .backends.lm_head_chunked import MixedTokenLogprobs
+from . import _checks as _c
+from . import custom_ops, dispatch
 from .reference import mixed_token_logprobs_reference
 
 __all__ = ["mixed_token_logprobs"]
 
-_INDEX_DTYPES = (torch.int64, torch.int32)
-
 
 def _validate(h_base, h_thought, w, weight, target, ignore_index, backend):
-    _d.check_matrix("h_base", h_base, "(N, H)")
+    _c.check_matrix("h_base", h_base, "(N, H)")
     N, H = h_base.shape
     if H < 1:
-        raise ValueError(f"h_base must have H >= 1 features, got shape {_d.shape_of(h_base)}")
+        raise ValueError(f"h_base must have H >= 1 features, got shape {_c.shape_of(h_base)}")
     if h_thought is None:
         if w is not None:
             raise ValueError(
@@ -33,50 +33,40 @@ def _validate(h_base, h_thought, w, weight, target, ignore_index, backend):
                 f"got a {type(w).__name__}"
             )
     else:
-        _d.check_matrix("h_thought", h_thought, "(N, H)")
+        _c.check_matrix("h_thought", h_thought, "(N, H)")
         if h_thought.shape != h_base.shape:
             raise ValueError(
-                f"h_thought must have h_base's shape {_d.shape_of(h_base)} (N, H), "
-                f"got {_d.shape_of(h_thought)}"
+                f"h_thought must have h_base's shape {_c.shape_of(h_base)} (N, H), "
+                f"got {_c.shape_of(h_thought)}"
             )
-        _d.check_same("h_thought", h_thought, "h_base", h_base)
+        _c.check_same("h_thought", h_thought, "h_base", h_base)
         if w is None:
             raise ValueError("w must be a (N,) or (N, 1) tensor when h_thought is given, got None")
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"w must be a torch.Tensor of shape (N,) or (N, 1), got {type(w).__name__}")
-        if w.dtype not in _d.SUPPORTED_DTYPES:
-            raise TypeError(
-                f"w must have a floating dtype in {[str(d) for d in _d.SUPPORTED_DTYPES]}, got {w.dtype}"
-            )
+        _c.check_floating("w", w)
         if w.shape not in ((N,), (N, 1)):
-            raise ValueError(f"w must have shape (N,) or (N, 1) with N={N}, got {_d.shape_of(w)}")
-        _d.check_same("w", w, "h_base", h_base, dtype=False)
-    _d.check_matrix("weight", weight, "(V, H)")
+            raise ValueError(f"w must have shape (N,) or (N, 1) with N={N}, got {_c.shape_of(w)}")
+        _c.check_same("w", w, "h_base", h_base, dtype=False)
+    _c.check_matrix("weight", weight, "(V, H)")
     if weight.shape[1] != H or weight.shape[0] < 1:
         raise ValueError(
             f"weight must have shape (V, H) with V >= 1 and H={H} (h_base.shape[1]), "
-            f"got {_d.shape_of(weight)}"
+            f"got {_c.shape_of(weight)}"
         )
-    _d.check_same("weight", weight, "h_base", h_base)
+    _c.check_same("weight", weight, "h_base", h_base)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of shape (N,), got {type(target).__name__}")
-    if target.dtype not in _INDEX_DTYPES:
+    if target.dtype not in _c.INDEX_DTYPES:
         raise TypeError(f"target must have an integer dtype (torch.int64 or torch.int32), got {target.dtype}")
     if target.shape != (N,):
         raise ValueError(
-            f"target must have shape (N,) with N={N} (h_base.shape[0]), got {_d.shape_of(target)}"
+            f"target must have shape (N,) with N={N} (h_base.shape[0]), got {_c.shape_of(target)}"
         )
-    _d.check_same("target", target, "h_base", h_base, dtype=False)
-    ignore_index = _d.as_int("ignore_index", ignore_index)
-    _d.check_backend_arg(backend)
-    V = weight.shape[0]
-    if N:
-        bad = ((target < 0) | (target >= V)) & (target != ignore_index)
-        if bool(bad.any()):
-            first = int(target[bad.nonzero()[0, 0]])
-            raise ValueError(
-                f"target values must be in [0, V={V}) or equal ignore_index={ignore_index}, got {first}"
-            )
+    _c.check_same("target", target, "h_base", h_base, dtype=False)
+    ignore_index = _c.as_int("ignore_index", ignore_index)
+    _c.check_backend_arg(backend)
+    # The target values are checked where the work starts (check_target_values), once.
     return ignore_index
 
 
@@ -94,7 +84,7 @@ def mixed_token_logprobs(
 
     ``logp[i] = log_softmax(((1 - w[i]) * h_base[i] + w[i] * h_thought[i]) @ weight.T)[target[i]]``,
     and ``0`` where ``target[i] == ignore_index``. Mixing hidden states before the bias-free LM
-    head equals mixing the logits (``quietstar.md`` section 6).
+    head equals mixing the logits (``docs/algorithm.md``, "The mixing head").
 
     Args:
         h_base: ``(N, H)`` hidden states of the base (no-thought) pass.
@@ -105,7 +95,7 @@ def mixed_token_logprobs(
         target: ``(N,)`` int64 (or int32) ids in ``[0, V)`` or ``ignore_index``.
         ignore_index: the target value of rows without a target.
         backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None (by
-            device; see :mod:`qstar_kernels._lm_head_dispatch` for the environment variables).
+            device; see :mod:`qstar_kernels.dispatch` for the environment variables).
 
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs) log-probabilities, differentiable in
@@ -113,31 +103,10 @@ def mixed_token_logprobs(
         from recomputed logit tiles (first order only; ``reference`` supports higher orders).
     """
     ignore_index = _validate(h_base, h_thought, w, weight, target, ignore_index, backend)
-    chosen = _d.select_backend("mixed_token_logprobs", backend, h_base.device, h_base.dtype)
+    chosen = dispatch.select_backend("mixed_token_logprobs", backend, h_base.device, h_base.dtype)
     target = target.to(torch.int64)
     if chosen == "reference":
+        _c.check_target_values(target, weight.shape[0], ignore_index)
         return mixed_token_logprobs_reference(h_base, h_thought, w, weight, target, ignore_index=ignore_index)
-    return MixedTokenLogprobs.apply(
-        h_base, h_thought, w, weight, target, ignore_index, lm_head_passes(chosen)
-    )
-
-
-def lm_head_passes(name: str):
-    """The passes of a fused backend (shared with sampling)."""
-    if name == "torch":
-        from .backends.lm_head_torch import TorchPasses
-
-        return TorchPasses()
-    if name == "cpu":
-        from .backends.lm_head_cpu import CpuPasses
-
-        return CpuPasses()
-    if name == "triton":
-        from .backends.lm_head_triton import TritonPasses
-
-        return TritonPasses()
-    if name == "cuda":
-        from .backends.lm_head_cuda import CudaPasses
-
-        return CudaPasses()
-    raise AssertionError(name)
+    logp, _ = custom_ops.mixed_token_logprobs_fwd(h_base, h_thought, w, weight, target, ignore_index, chosen)
+    return logp

@@ -1,5 +1,8 @@
 """``sample_thought_tokens``: thought tokens sampled from the LM head, and their log-probabilities
-at the REINFORCE temperature, fused (``kernels.md`` section 3, ``quietstar.md`` section 8.1).
+at the REINFORCE temperature, fused (``docs/kernels.md``, "Contract: thought-token sampling";
+``docs/algorithm.md``, "The policy loss (REINFORCE)"). The backend comes from
+:mod:`qstar_kernels.dispatch`; the fused backends run the tiled algorithm behind the custom op
+``qstar::sample_thought_tokens_fwd``.
 
 Shapes::
 
@@ -15,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _lm_head_dispatch as _d
-from .backends.lm_head_chunked import SampleThoughtTokens
-from .mixing import lm_head_passes
+from . import _checks as _c
+from . import custom_ops, dispatch
 from .reference import sample_thought_tokens_reference, thought_gumbel_noise
 
 __all__ = ["sample_thought_tokens", "draw_sampling_seed"]
@@ -29,23 +31,27 @@ def draw_sampling_seed(generator: torch.Generator | None = None, device=None) ->
     """The seed a call of :func:`sample_thought_tokens` with ``temperature > 0`` draws: one
     ``torch.randint(0, 2**63 - 1)`` from ``generator``, or from the default generator of ``device``
     (the device of ``h``) when ``generator`` is None. Greedy calls draw nothing."""
+    return int(_seed_tensor(generator, device).item())
+
+
+def _seed_tensor(generator: torch.Generator | None, device) -> torch.Tensor:
+    """The seed of :func:`draw_sampling_seed` as a 0-d int64 tensor (no ``.item()``: traceable)."""
     dev = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
-    return int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=dev).item())
+    return torch.randint(0, _SEED_BOUND, (), generator=generator, device=dev)
 
 
 def _validate(h, weight, banned_ids, temperature, logprob_temperature, generator, backend):
-    _d.check_matrix("h", h, "(N, H)")
+    _c.check_matrix("h", h, "(N, H)")
     N, H = h.shape
     if H < 1:
-        raise ValueError(f"h must have H >= 1 features, got shape {_d.shape_of(h)}")
-    _d.check_matrix("weight", weight, "(V, H)")
+        raise ValueError(f"h must have H >= 1 features, got shape {_c.shape_of(h)}")
+    _c.check_matrix("weight", weight, "(V, H)")
     if weight.shape[1] != H or weight.shape[0] < 1:
         raise ValueError(
-            f"weight must have shape (V, H) with V >= 1 and H={H} (h.shape[1]), got {_d.shape_of(weight)}"
+            f"weight must have shape (V, H) with V >= 1 and H={H} (h.shape[1]), got {_c.shape_of(weight)}"
         )
-    _d.check_same("weight", weight, "h", h)
-    V = weight.shape[0]
-    banned = None
+    _c.check_same("weight", weight, "h", h)
+    banned = None  # int64 ids; their values are checked where the work starts (banned_id_set), once
     if banned_ids is not None:
         if isinstance(banned_ids, torch.Tensor):
             if (
@@ -55,34 +61,25 @@ def _validate(h, weight, banned_ids, temperature, logprob_temperature, generator
             ):
                 raise TypeError(f"banned_ids must hold integer ids, got a tensor of {banned_ids.dtype}")
             if banned_ids.dim() > 1:
-                raise ValueError(f"banned_ids must be 1-D, got shape {_d.shape_of(banned_ids)}")
-            banned = banned_ids.detach().to("cpu", torch.int64).reshape(-1)
+                raise ValueError(f"banned_ids must be 1-D, got shape {_c.shape_of(banned_ids)}")
+            banned = banned_ids.detach().to(torch.int64).reshape(-1)
         elif isinstance(banned_ids, (list, tuple, range)):
-            ids = [_d.as_int(f"banned_ids[{j}]", x) for j, x in enumerate(banned_ids)]
-            banned = torch.tensor(ids, dtype=torch.int64)
+            ids = [_c.as_int(f"banned_ids[{j}]", x) for j, x in enumerate(banned_ids)]
+            banned = torch.tensor(ids, dtype=torch.int64, device=h.device)
         else:
             raise TypeError(
                 "banned_ids must be None, a sequence of ints or a 1-D integer tensor, "
                 f"got {type(banned_ids).__name__}"
             )
-        if banned.numel():
-            lo, hi = int(banned.min()), int(banned.max())
-            if lo < 0 or hi >= V:
-                raise ValueError(f"banned_ids must be in [0, V={V}), got {lo if lo < 0 else hi}")
-            banned = torch.unique(banned)
-            if banned.numel() >= V:
-                raise ValueError(f"banned_ids bans all V={V} ids; nothing is left to sample")
-        else:
-            banned = None
-    temperature = _d.as_float("temperature", temperature, "a real number >= 0")
+    temperature = _c.as_float("temperature", temperature, "a real number >= 0")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    logprob_temperature = _d.as_float("logprob_temperature", logprob_temperature, "a real number > 0")
+    logprob_temperature = _c.as_float("logprob_temperature", logprob_temperature, "a real number > 0")
     if logprob_temperature <= 0:
         raise ValueError(f"logprob_temperature must be > 0, got {logprob_temperature}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    _d.check_backend_arg(backend)
+    _c.check_backend_arg(backend)
     return banned, temperature, logprob_temperature
 
 
@@ -119,9 +116,10 @@ def sample_thought_tokens(
     banned, temperature, logprob_temperature = _validate(
         h, weight, banned_ids, temperature, logprob_temperature, generator, backend
     )
-    chosen = _d.select_backend("sample_thought_tokens", backend, h.device, h.dtype)
-    seed = 0 if temperature == 0 else draw_sampling_seed(generator, h.device)
+    chosen = dispatch.select_backend("sample_thought_tokens", backend, h.device, h.dtype)
     if chosen == "reference":
+        banned = _c.banned_id_set(banned, weight.shape[0])
+        seed = 0 if temperature == 0 else draw_sampling_seed(generator, h.device)
         noise = None
         if temperature != 0:
             noise = thought_gumbel_noise(seed, h.shape[0], weight.shape[0], device=h.device)
@@ -133,6 +131,9 @@ def sample_thought_tokens(
             temperature=temperature,
             logprob_temperature=logprob_temperature,
         )
-    banned_dev = None if banned is None else banned.to(h.device)
-    passes = lm_head_passes(chosen)
-    return SampleThoughtTokens.apply(h, weight, banned_dev, temperature, logprob_temperature, seed, passes)
+    # Greedy calls draw nothing (the generator's state is left as it was).
+    seed = torch.zeros((), dtype=torch.int64) if temperature == 0 else _seed_tensor(generator, h.device)
+    logp, tokens, _ = custom_ops.sample_thought_tokens_fwd(
+        h, weight, banned, seed, temperature, logprob_temperature, chosen
+    )
+    return tokens, logp

@@ -136,7 +136,7 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from qstar_kernels.backends import triton_kernels as tk
+    from qstar_kernels.backends.attention import triton_kernels as tk
 
     kernel = getattr(tk, KERNELS[kind])
     config = tk._cfgs(spec)[0]
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from qstar_kernels.backends import triton_kernels as tk
+    from qstar_kernels.backends.attention import triton_kernels as tk
 
     def specs(kind, cc, D, G):
         if args.candidates:

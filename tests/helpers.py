@@ -70,7 +70,8 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-# Tolerances per dtype when the reference runs in float64 (kernels.md section 5).
+# Tolerances per dtype when the reference runs in float64 (``docs/kernels.md``, "Testing rules for
+# every kernel").
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOWP = (torch.float16, torch.bfloat16)
 

@@ -1,4 +1,5 @@
-"""Shared helpers of the LM-head op tests (test_mixing.py, test_sampling.py, test_lm_head_dispatch.py)."""
+"""Shared helpers of the LM-head op tests (test_mixing.py, test_sampling.py, test_dispatch.py,
+test_custom_ops.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 import qstar_kernels
 from qstar_kernels import _ext
-from qstar_kernels.backends import lm_head_chunked
+from qstar_kernels.backends.lm_head import base as lm_head_base
 
 #: The fused backends tested on the CPU; "triton" runs through the interpreter (tiny shapes only).
 FUSED = ["torch", "cpu", "triton"]
@@ -27,20 +28,20 @@ def require(backend: str) -> None:
 
 def tiles(shape):
     """A tile-shape override, or nothing for the default tiles."""
-    return lm_head_chunked.tiling_override(*shape) if shape else contextlib.nullcontext()
+    return lm_head_base.tiling_override(*shape) if shape else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def poisoned():
     """Every buffer the fused passes allocate starts as NaN (-7 for integers)."""
     ext = _ext.cpu_extension()
-    old_py = lm_head_chunked.POISON
-    lm_head_chunked.POISON = True
+    old_py = lm_head_base.POISON
+    lm_head_base.POISON = True
     old_c = ext.lm_head_set_poison(True)
     try:
         yield
     finally:
-        lm_head_chunked.POISON = old_py
+        lm_head_base.POISON = old_py
         ext.lm_head_set_poison(old_c)
 
 
@@ -52,7 +53,7 @@ def assert_close(name, got, want64, dtype, yardstick=None, mult=2.0):
     """``got`` is finite exactly where ``want64`` is, and close to it: within an absolute-plus-
     relative float32 tolerance for float32/float64 inputs; for float16/bfloat16 within ``mult``
     times the error of the plain PyTorch computation in that dtype (``yardstick``), plus a float32
-    slack (kernels.md section 5)."""
+    slack (``docs/kernels.md``, "Testing rules for every kernel")."""
     assert got.shape == want64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want64.shape)}"
     assert not torch.isnan(got).any(), f"{name}: NaN"
     finite = torch.isfinite(want64)

@@ -120,9 +120,10 @@ arch = sm_90
 
 
 def test_extension_registers_the_ops(ext):
-    from qstar_kernels.backends import cuda_backend, lm_head_cuda
+    from qstar_kernels.backends.attention import cuda as attention_cuda
+    from qstar_kernels.backends.lm_head import cuda as lm_head_cuda
 
-    assert cuda_backend.ops_registered() and lm_head_cuda.ops_registered()
+    assert attention_cuda.ops_registered() and lm_head_cuda.ops_registered()
     for name in (
         "thought_attention_fwd",
         "thought_attention_bwd",
@@ -207,9 +208,10 @@ def test_ptxas_reports_no_spills(ext, tmp_path):
 def test_fake_implementations_give_shapes_and_dtypes(ext):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qstar_kernels.backends import cuda_backend, lm_head_cuda
+    from qstar_kernels.backends.attention import cuda as attention_cuda
+    from qstar_kernels.backends.lm_head import cuda as lm_head_cuda
 
-    assert cuda_backend.ops_registered() and lm_head_cuda.ops_registered()
+    assert attention_cuda.ops_registered() and lm_head_cuda.ops_registered()
     ops = torch.ops.qstar_cuda
     with FakeTensorMode():
         q = torch.empty(2, 4, 10, 64, dtype=torch.bfloat16, device="cuda")
@@ -237,9 +239,10 @@ def test_fake_implementations_give_shapes_and_dtypes(ext):
 def test_opcheck_on_meta_tensors(ext):
     """torch.library.opcheck (schema, fake, autograd registration) where it can run without a GPU:
     meta tensors, which dispatch to the fake implementations."""
-    from qstar_kernels.backends import cuda_backend, lm_head_cuda
+    from qstar_kernels.backends.attention import cuda as attention_cuda
+    from qstar_kernels.backends.lm_head import cuda as lm_head_cuda
 
-    assert cuda_backend.ops_registered() and lm_head_cuda.ops_registered()
+    assert attention_cuda.ops_registered() and lm_head_cuda.ops_registered()
     ops = torch.ops.qstar_cuda
     q = torch.empty(2, 4, 10, 64, dtype=torch.float16, device="meta")
     k = torch.empty(2, 2, 30, 64, dtype=torch.float16, device="meta")
@@ -314,9 +317,13 @@ def test_cuda_backend_is_explicit_only_and_says_why_it_cannot_run(ext, monkeypat
 
 
 def test_cuda_backend_reason_when_not_built(monkeypatch):
-    from qstar_kernels.backends import cuda_backend
+    from qstar_kernels import _ext, dispatch
 
-    monkeypatch.setattr(cuda_backend._ext, "cuda_extension", lambda: None)
-    monkeypatch.setattr(cuda_backend._ext, "cuda_extension_error", lambda: "ImportError: gone")
-    why = cuda_backend.unavailable_reason("cuda", torch.float16, 64)
-    assert "qstar_kernels._C_cuda is not built" in why and "ImportError: gone" in why
+    monkeypatch.setattr(_ext, "cuda_extension", lambda: None)
+    monkeypatch.setattr(_ext, "cuda_extension_error", lambda: "ImportError: gone")
+    for op in dispatch.OPS:
+        why = dispatch.unavailable_reason(op, "cuda", "cuda", torch.float16, 64)
+        if op == "sample_thought_tokens":
+            assert "implements mixed_token_logprobs only" in why
+        else:
+            assert "qstar_kernels._C_cuda is not built" in why and "ImportError: gone" in why

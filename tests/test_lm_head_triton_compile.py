@@ -1,4 +1,4 @@
-"""The LM-head Triton kernels (``qstar_kernels/backends/lm_head_triton_kernels.py``) compiled for
+"""The LM-head Triton kernels (``qstar_kernels/backends/lm_head/triton_kernels.py``) compiled for
 real GPUs without one (sm_80 and sm_90, through PTX and the ptxas that ships with Triton). The
 interpreter tests check what the kernels compute; this checks that the GPU compiler accepts them
 (integer types of the Philox rounds, the 64-bit seeds, every dtype of the logit tiles)."""
@@ -20,7 +20,7 @@ PROGRAM = r"""
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
-from qstar_kernels.backends import lm_head_triton_kernels as K
+from qstar_kernels.backends.lm_head import triton_kernels as K
 
 def source(kernel, types, constexprs):
     fn = kernel if hasattr(kernel, "params") else kernel.fn  # a JITFunction (or an autotuner)

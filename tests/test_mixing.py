@@ -405,14 +405,3 @@ def test_on_cuda_matches_reference(backend, N, V, H, dtype, seed):
     # GPU float32 GEMMs may run in TF32: hold float32 to the float16 criterion against its own
     # plain computation, as the attention GPU tests do.
     _check_against_reference(backend, hb, ht, w, weight, target, tol_dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
-def test_automatic_choice_on_cuda_is_triton():
-    from qstar_kernels import _lm_head_dispatch as dispatch
-
-    assert (
-        dispatch.select_backend("mixed_token_logprobs", None, torch.device("cuda"), torch.bfloat16)
-        == "triton"
-    )

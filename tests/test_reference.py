@@ -1,5 +1,6 @@
 """The reference mask is the authors' mask: checked against a hand-written example and against an
-independent re-enactment of how their code grows it step by step (quietstar.md section 4.1)."""
+independent re-enactment of how their code grows it step by step (``docs/algorithm.md``, "The
+thought mask")."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _authors_mask(keep: torch.Tensor, steps: int, dtype=torch.bfloat16, window=N
 
 
 def test_hand_checked_example():
-    # quietstar.md section 4.1: L=5, the last position is padding, step 2.
+    # ``docs/algorithm.md``, "The thought mask": L=5, the last position is padding, step 2.
     keep = torch.tensor([[True, True, True, True, False]])
     want_rows = [
         "10000 10000 10000",

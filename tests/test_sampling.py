@@ -12,7 +12,7 @@ import torch
 from lm_head_helpers import FUSED, LOWP, assert_close, poisoned, require, tiles
 
 from qstar_kernels import BackendUnavailableError, _ext, draw_sampling_seed, sample_thought_tokens
-from qstar_kernels.backends.lm_head_torch import philox_gumbel_torch
+from qstar_kernels.backends.lm_head.torch import philox_gumbel_torch
 from qstar_kernels.reference import sample_thought_tokens_reference, thought_gumbel_noise
 from qstar_kernels.reference.sampling import philox4x32_10
 
@@ -343,7 +343,7 @@ def test_every_backend_computes_the_same_noise():
         ),
     }
     require("triton")
-    from qstar_kernels.backends.lm_head_triton import gumbel_noise_triton
+    from qstar_kernels.backends.lm_head.triton import gumbel_noise_triton
 
     got["triton"] = gumbel_noise_triton(seed, row0, rows, V, "cpu")
     for name, g in got.items():

@@ -1,6 +1,6 @@
 """Dense PyTorch references: the executable specifications every backend is tested against.
 
-Slow by design and never optimised (``kernels.md`` section 4).
+Slow by design and never optimised (``docs/kernels.md``, "Backends").
 """
 
 from .attention import (

@@ -1,7 +1,7 @@
 """Thought attention, the executable specification.
 
 This module is deliberately plain: it builds the dense mask the way the authors' Quiet-STaR code
-grows it (``quietstar.md`` section 4.1), expands the key/value heads, and runs a masked softmax.
+grows it (``docs/algorithm.md``, "The thought mask"), expands the key/value heads, and runs a masked softmax.
 It is slow by design and is never optimised; every other backend is tested against it.
 
 The pattern, for step ``a`` (keys are ``a + 1`` blocks of ``L``: the text block, then one block per
@@ -71,12 +71,17 @@ def build_thought_mask(
     ``depth`` copies of ``diag(keep)`` concatenated on the key axis. ``B`` is 1 without padding.
     """
     _check_mask_args(L, depth, key_padding_mask, sliding_window)
+    return dense_thought_mask(L, depth, key_padding_mask, sliding_window, device)
+
+
+def dense_thought_mask(L: int, depth: int, keep, sliding_window, device=None) -> torch.Tensor:
+    """:func:`build_thought_mask` for arguments already checked."""
     if device is None:
-        device = key_padding_mask.device if key_padding_mask is not None else "cpu"
-    if key_padding_mask is None:
+        device = keep.device if keep is not None else "cpu"
+    if keep is None:
         keep = torch.ones(1, L, dtype=torch.bool, device=device)
     else:
-        keep = key_padding_mask.to(device=device, dtype=torch.bool)
+        keep = keep.to(device=device, dtype=torch.bool)
     i = torch.arange(L, device=device)
     causal = i[None, :] <= i[:, None]  # (L, L): key j <= query i
     if sliding_window is not None:
@@ -133,15 +138,23 @@ def thought_attention_reference(
     and the optional ``lse`` is float32 (float64 for float64 inputs). Rows that may attend to
     nothing give zeros and ``lse = -inf``.
     """
+    L = q.shape[2]
+    _check_mask_args(L, k.shape[2] // L - 1, key_padding_mask, sliding_window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return dense_thought_attention(q, k, v, key_padding_mask, scale, sliding_window, return_lse)
+
+
+def dense_thought_attention(q, k, v, keep, scale: float, sliding_window, return_lse: bool):
+    """:func:`thought_attention_reference` for arguments already checked (the public op checks
+    them once)."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     depth = k.shape[2] // L - 1
     group = Hq // Hkv
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
     math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    allowed = build_thought_mask(L, depth, key_padding_mask, sliding_window, device=q.device)
+    allowed = dense_thought_mask(L, depth, keep, sliding_window, device=q.device)
     qf = q.to(math_dtype)
     kf = k.to(math_dtype).repeat_interleave(group, dim=1)  # repeat_kv: (B, Hq, (a+1)L, D)
     vf = v.to(math_dtype).repeat_interleave(group, dim=1)

@@ -1,7 +1,8 @@
-"""Mixed LM-head log-probabilities, the executable specification (``kernels.md`` section 2).
+"""Mixed LM-head log-probabilities, the executable specification (``docs/kernels.md``,
+"Contract: mixed LM-head log-probabilities").
 
-The mixing head of Quiet-STaR (``quietstar.md`` section 6) interpolates hidden states, then applies
-the bias-free LM head::
+The mixing head of Quiet-STaR (``docs/algorithm.md``, "The mixing head") interpolates hidden
+states, then applies the bias-free LM head::
 
     h_mix  = (1 - w) * h_base + w * h_thought          # w unbounded, one scalar per row
     logits = h_mix @ weight.T                           # (N, V): materialised here, on purpose

@@ -1,4 +1,5 @@
-"""Thought-token sampling from the LM head, the executable specification (``kernels.md`` section 3).
+"""Thought-token sampling from the LM head, the executable specification (``docs/kernels.md``,
+"Contract: thought-token sampling").
 
 ::
 

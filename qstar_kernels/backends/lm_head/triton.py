@@ -1,6 +1,6 @@
-"""The ``"triton"`` backend of the LM-head ops: the Python tile loop of :mod:`.lm_head_chunked` with
-cuBLAS GEMMs (``torch.mm``, in the inputs' dtype, so float16/bfloat16 use the tensor cores) and the
-Triton row kernels of :mod:`.lm_head_triton_kernels` for everything that touches a tile
+"""The ``"triton"`` backend of the LM-head ops: the Python tile loop of :class:`.base.TiledPasses`
+with cuBLAS GEMMs (``torch.mm``, in the inputs' dtype, so float16/bfloat16 use the tensor cores) and the
+Triton row kernels of :mod:`.triton_kernels` for everything that touches a tile
 element-wise (the log-sum-exp, the Gumbel-max draw, the gradient of the log-softmax), in float32.
 
 On CPU tensors it runs only under ``TRITON_INTERPRET=1`` (the tests). float64 inputs are not
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import lm_head_triton_kernels as K
-from .lm_head_chunked import TiledPasses
+from . import triton_kernels as K
+from .base import TiledPasses
 
 __all__ = ["TritonPasses", "gumbel_noise_triton"]
 

@@ -1,5 +1,5 @@
-"""The ``"torch"`` backend of the LM-head ops: the tiled algorithm of :mod:`.lm_head_chunked` with
-row kernels written as plain PyTorch ops, so it runs on any device. The Gumbel noise is the
+"""The ``"torch"`` backend of the LM-head ops: the Python tile loop of :class:`.base.TiledPasses`
+with row kernels written as plain PyTorch ops, so it runs on any device. The Gumbel noise is the
 Philox4x32-10 stream of :mod:`qstar_kernels.reference.sampling`, computed with int64 tensor ops
 (32-bit products split in 16-bit halves so that nothing overflows), so this backend draws the same
 tokens as the others for the same seed.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.sampling import PHILOX_KEY_INCREMENTS, PHILOX_ROUND_MULTIPLIERS
-from .lm_head_chunked import TiledPasses
+from ...reference.sampling import PHILOX_KEY_INCREMENTS, PHILOX_ROUND_MULTIPLIERS
+from .base import TiledPasses
 
 __all__ = ["TorchPasses", "philox_gumbel_torch"]
 

@@ -1,31 +1,12 @@
-"""The tiled algorithm of the fused LM-head ops: the autograd Functions of
-``mixed_token_logprobs`` and ``sample_thought_tokens``, over three passes that a backend supplies
-(:class:`LMHeadPasses`). The ``cpu`` backend runs each pass in C++ (``csrc/cpu/lm_head.cpp``);
-``torch`` and ``triton`` use the Python tile loop of :class:`TiledPasses` with their own row
-kernels.
+"""What an LM-head backend supplies: the three passes over the logit tiles (:class:`LMHeadPasses`),
+and the Python tile loop (:class:`TiledPasses`) that the ``torch``, ``triton`` and ``cuda`` backends
+build on with their own row kernels (the ``cpu`` backend runs each pass in C++). The algorithm that
+calls the passes is :mod:`qstar_kernels.lm_head_tiled`.
 
 The logits ``z = h @ weight.T`` are computed one tile at a time, ``rows x cols`` (a block of rows
 times a block of vocabulary ids), into a reused buffer, so the extra memory is a tile (per thread)
-plus ``O(N)`` row statistics, never ``(N, V)``::
-
-    forward   for each vocabulary block, for each row block:
-                  z = h_rows @ weight[ids].T                               (one GEMM)
-                  lse_rows = logaddexp(lse_rows, logsumexp(z * scale))     (online log-sum-exp)
-                  sampling only: the tile's best Gumbel key and id; keep the larger key
-              logp = z[target] * scale - lse, with z[target] = h . weight[target] (a row dot)
-    backward  the same tiles again (rows whose grad_output is 0 are skipped):
-                  z = h_rows @ weight[ids].T                               (recomputed, one GEMM)
-                  z <- coef * (onehot(target) - exp(z * scale - lse))      (dlogp/dz, in place)
-                  grad_h[rows] += z @ weight[ids];  grad_weight[ids] += z.T @ h_rows   (two GEMMs)
-
-So a forward+backward costs four GEMMs of the size of the logits, against three for the unfused
-computation, and keeps no activation beyond the inputs and the ``(N,)`` lse. (Computing the
-gradients during the forward would save one GEMM only when ``grad_output`` is the same for every
-row, and would hold a weight-sized buffer from the forward to the backward.) Double backward is
-refused.
-
-The vocabulary blocks are the outer loop: a block of the weight (and of its gradient) stays in
-cache while the row blocks stream past it.
+plus ``O(N)`` row statistics, never ``(N, V)``. The vocabulary blocks are the outer loop: a block
+of the weight (and of its gradient) stays in cache while the row blocks stream past it.
 """
 
 from __future__ import annotations
@@ -40,8 +21,10 @@ __all__ = [
     "TiledPasses",
     "Tiling",
     "tiling_override",
-    "MixedTokenLogprobs",
-    "SampleThoughtTokens",
+    "choose_tiling",
+    "acc_dtype",
+    "dtypes",
+    "POISON",
 ]
 
 _NEG_INF = float("-inf")
@@ -96,7 +79,7 @@ def _poison(t: torch.Tensor) -> None:
         t.fill_(float("nan") if t.is_floating_point() else -7)
 
 
-def _dtypes(x: torch.Tensor, passes: LMHeadPasses) -> tuple[torch.dtype, torch.dtype]:
+def dtypes(x: torch.Tensor, passes: LMHeadPasses) -> tuple[torch.dtype, torch.dtype]:
     """(accumulation dtype, GEMM/tile dtype) for inputs of x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     gemm = x.dtype if (passes.lowp_gemm and x.dtype in (torch.float16, torch.bfloat16)) else acc
@@ -222,7 +205,7 @@ class TiledPasses(LMHeadPasses):
 
     def lse_pass(self, h, weight):
         n, V = h.shape[0], weight.shape[0]
-        acc = _acc_dtype(h)
+        acc = acc_dtype(h)
         lse = torch.full((n,), _NEG_INF, dtype=acc, device=h.device)
         if n == 0:
             return lse
@@ -240,7 +223,7 @@ class TiledPasses(LMHeadPasses):
 
     def sample_pass(self, h, weight, banned, inv_t, lp_scale, seed):
         n, V = h.shape[0], weight.shape[0]
-        acc = _acc_dtype(h)
+        acc = acc_dtype(h)
         lse = torch.full((n,), _NEG_INF, dtype=acc, device=h.device)
         best = torch.full((n,), _NEG_INF, dtype=acc, device=h.device)
         tokens = torch.zeros(n, dtype=torch.int64, device=h.device)
@@ -269,7 +252,7 @@ class TiledPasses(LMHeadPasses):
     def grad_pass(self, h, weight, banned, lse, index, coef, scale, need_h, need_w):
         n, H = h.shape
         V = weight.shape[0]
-        acc = _acc_dtype(h)
+        acc = acc_dtype(h)
         grad_h = torch.zeros(n, H, dtype=acc, device=h.device) if need_h else None
         grad_w = torch.zeros(V, H, dtype=acc, device=h.device) if need_w else None
         if n == 0:
@@ -288,174 +271,6 @@ class TiledPasses(LMHeadPasses):
         return grad_h, grad_w
 
 
-def _acc_dtype(h: torch.Tensor) -> torch.dtype:
+def acc_dtype(h: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of inputs like ``h``: float64 for float64, else float32."""
     return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
-def _refuse_double_backward(op: str, backend: str) -> None:
-    if torch.is_grad_enabled():
-        # create_graph=True: the gradients computed here are not themselves differentiable, and
-        # returning them as constants would silently drop the second-order terms.
-        raise RuntimeError(
-            f"{op}(backend={backend!r}) does not support double backward (create_graph=True); "
-            "use backend='reference' for higher-order gradients"
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# mixed_token_logprobs
-# ------------------------------------------------------------------------------------------------
-
-
-def _mix(h_base, h_thought, w, rows, dtype, passes):
-    """(1 - w) * h_base + w * h_thought on the given rows (all when rows is None), in dtype."""
-    hb = h_base if rows is None else h_base.index_select(0, rows)
-    if h_thought is None:
-        return hb.to(dtype)
-    ht = h_thought if rows is None else h_thought.index_select(0, rows)
-    wc = w.reshape(-1)
-    wc = wc if rows is None else wc.index_select(0, rows)
-    return passes.mix(hb, ht, wc, dtype)
-
-
-class MixedTokenLogprobs(torch.autograd.Function):
-    """logp = log_softmax(((1 - w) h_base + w h_thought) @ weight.T)[target], tiled."""
-
-    @staticmethod
-    def forward(ctx, h_base, h_thought, w, weight, target, ignore_index, passes):
-        acc, gemm = _dtypes(h_base, passes)
-        N, device = h_base.shape[0], h_base.device
-        rows = (target != ignore_index).nonzero()[:, 0]  # (n,) the rows that have a target
-        all_rows = rows.numel() == N
-        h = _mix(h_base, h_thought, w, None if all_rows else rows, acc, passes)  # (n, H)
-        weight_g = weight.to(gemm).contiguous()
-        t = target if all_rows else target.index_select(0, rows)
-        lse = passes.lse_pass(h.to(gemm).contiguous(), weight_g)
-        # The target logit as a row dot (in the accumulation dtype), not from the tiles.
-        z_t = passes.target_logits(h, weight_g, t)
-        logp_rows = (z_t - lse).clamp_max(0.0)  # log-probabilities are <= 0 (NaN stays NaN)
-        if all_rows:
-            logp = logp_rows
-        else:
-            logp = torch.zeros(N, dtype=acc, device=device)
-            logp.index_copy_(0, rows, logp_rows)
-        ctx.save_for_backward(h_base, h_thought, w, weight, t, rows, lse)
-        ctx.passes, ctx.all_rows = passes, all_rows
-        ctx.set_materialize_grads(False)
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        passes = ctx.passes
-        _refuse_double_backward("mixed_token_logprobs", passes.name)
-        h_base, h_thought, w, weight, t, rows, lse = ctx.saved_tensors
-        need_hb, need_ht, need_w, need_weight = ctx.needs_input_grad[:4]
-        nones = (None,) * 3
-        if grad_logp is None:
-            return (None,) * 4 + nones
-        acc, gemm = _dtypes(h_base, passes)
-        N, H = h_base.shape
-        g = grad_logp.to(acc)
-        g = g if ctx.all_rows else g.index_select(0, rows)
-        active = (g != 0).nonzero()[:, 0]  # rows whose gradient can be nonzero (NaN counts)
-        all_rows = ctx.all_rows
-        if active.numel() < g.numel():
-            g, lse, t = g[active], lse[active], t[active]
-            rows = active if all_rows else rows[active]
-            all_rows = False
-        need_h = need_hb or need_ht or need_w
-        h = _mix(h_base, h_thought, w, None if all_rows else rows, acc, passes)
-        grad_h_rows, grad_weight = passes.grad_pass(
-            h.to(gemm).contiguous(),
-            weight.to(gemm).contiguous(),
-            None,
-            lse.contiguous(),
-            t.contiguous(),
-            g.contiguous(),
-            1.0,
-            need_h,
-            need_weight,
-        )
-        grad_hb = grad_ht = grad_w = None
-        if need_h:
-            if all_rows:
-                grad_h = grad_h_rows
-            else:
-                grad_h = torch.zeros(N, H, dtype=acc, device=h_base.device)
-                grad_h.index_copy_(0, rows, grad_h_rows)
-            if h_thought is None:
-                grad_hb = grad_h.to(h_base.dtype) if need_hb else None
-            else:
-                g_hb, g_ht, g_w = passes.mix_backward(grad_h, h_base, h_thought, w)
-                grad_hb = g_hb.to(h_base.dtype) if need_hb else None
-                grad_ht = g_ht.to(h_thought.dtype) if need_ht else None
-                grad_w = g_w.reshape(w.shape).to(w.dtype) if need_w else None
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return (grad_hb, grad_ht, grad_w, grad_weight) + nones
-
-
-# ------------------------------------------------------------------------------------------------
-# sample_thought_tokens
-# ------------------------------------------------------------------------------------------------
-
-
-class SampleThoughtTokens(torch.autograd.Function):
-    """tokens ~ softmax(z / T) by Gumbel-max over the tiles (the max of the tiles' maxima is the
-    max of the row), logp = log_softmax(z / T_lp)[tokens]; z = h @ weight.T, banned ids -inf."""
-
-    @staticmethod
-    def forward(ctx, h, weight, banned, temperature, logprob_temperature, seed, passes):
-        acc, gemm = _dtypes(h, passes)
-        inv_t = 0.0 if temperature == 0 else 1.0 / temperature
-        lp_scale = 1.0 / logprob_temperature
-        h_acc = h.to(acc)
-        weight_g = weight.to(gemm).contiguous()
-        tokens, lse = passes.sample_pass(h_acc.to(gemm).contiguous(), weight_g, banned, inv_t, lp_scale, seed)
-        z_tok = (h_acc * weight_g.index_select(0, tokens).to(acc)).sum(-1)
-        logp = (z_tok * lp_scale - lse).clamp_max(0.0)
-        ctx.mark_non_differentiable(tokens)
-        ctx.save_for_backward(h, weight, tokens, lse, banned)
-        ctx.passes, ctx.lp_scale = passes, lp_scale
-        ctx.set_materialize_grads(False)
-        return tokens, logp
-
-    @staticmethod
-    def backward(ctx, _grad_tokens, grad_logp):
-        passes = ctx.passes
-        _refuse_double_backward("sample_thought_tokens", passes.name)
-        h, weight, tokens, lse, banned = ctx.saved_tensors
-        need_h, need_weight = ctx.needs_input_grad[:2]
-        nones = (None,) * 5
-        if grad_logp is None:
-            return (None, None) + nones
-        acc, gemm = _dtypes(h, passes)
-        coef = grad_logp.to(acc) * ctx.lp_scale
-        rows = (coef != 0).nonzero()[:, 0]  # rows whose gradient can be nonzero (NaN counts)
-        all_rows = rows.numel() == coef.numel()
-
-        def pick(x):
-            return x if all_rows else x.index_select(0, rows)
-
-        grad_h_rows, grad_weight = passes.grad_pass(
-            pick(h).to(gemm).contiguous(),
-            weight.to(gemm).contiguous(),
-            banned,
-            pick(lse).contiguous(),
-            pick(tokens).contiguous(),
-            pick(coef).contiguous(),
-            ctx.lp_scale,
-            need_h,
-            need_weight,
-        )
-        grad_h = None
-        if need_h:
-            if all_rows:
-                grad_h = grad_h_rows
-            else:
-                grad_h = torch.zeros(h.shape, dtype=acc, device=h.device)
-                grad_h.index_copy_(0, rows, grad_h_rows)
-            grad_h = grad_h.to(h.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return (grad_h, grad_weight) + nones

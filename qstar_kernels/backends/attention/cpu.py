@@ -1,4 +1,6 @@
-"""The ``"cpu"`` backend: the C++/OpenMP kernels of ``csrc/cpu`` behind an autograd.Function.
+"""The ``"cpu"`` backend of ``thought_attention``: the C++/OpenMP kernels of ``csrc/cpu``, run behind
+the custom op ``qstar::thought_attention_fwd`` (:mod:`qstar_kernels.custom_ops`), whose autograd
+calls :func:`backward`.
 
 The kernels compute in float32 (float64 for float64 inputs); float16/bfloat16 inputs are widened
 on entry and the output is rounded back to the input dtype.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
+from ... import _ext
 
 
 def _window_any(bad: torch.Tensor, window: int) -> torch.Tensor:
@@ -99,14 +101,3 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
         if hits.any():
             _mark_nonfinite_grads(hits, dq, dk, dv, keep, window)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def thought_attention_cpu(q, k, v, *, key_padding_mask=None, scale, sliding_window=None, return_lse=False):
-    from .._ops import thought_attention_op
-
-    keep = None if key_padding_mask is None else key_padding_mask.contiguous()
-    window = -1 if sliding_window is None else int(sliding_window)
-    out, lse = thought_attention_op(q, k, v, keep, float(scale), window, "cpu")
-    if return_lse:
-        return out, lse
-    return out

@@ -1,4 +1,5 @@
-"""The ``"triton"`` backend: launchers for the kernels in ``triton_kernels``.
+"""The ``"triton"`` backend of ``thought_attention``: launchers for the kernels in
+:mod:`.triton_kernels`, run behind the custom op ``qstar::thought_attention_fwd``.
 
 It runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before the first
 use (the interpreter, for tests). Inputs are read in place through their strides (no copies, no
@@ -9,13 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
-import os
 
 import torch
-
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 
 #: Test hook: fill every buffer the kernels write with NaN first, so a test can check that each
 #: element was written.
@@ -32,33 +28,6 @@ def _kernels():
     from . import triton_kernels
 
     return triton_kernels
-
-
-def unavailable_reason(device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """None if the Triton kernels can run on such tensors (``head_dim`` 0: not known), else why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton, or a CUDA build of torch, which ships it)"
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if device_type == "cpu":
-        if not interpret:
-            return (
-                "the Triton kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 "
-                "(the interpreter, for tests) set before the first Triton kernel is used"
-            )
-    elif device_type != "cuda":
-        return f"the Triton kernels run on CUDA tensors, got tensors on {device_type}"
-    elif interpret:
-        return "TRITON_INTERPRET=1 is set, so Triton would interpret instead of compiling for the GPU"
-    if dtype not in _SUPPORTED:
-        return f"the Triton kernels support float16, bfloat16 and float32, got {dtype}"
-    if head_dim > MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={head_dim}"
-    if _kernels().INTERPRETED != interpret:
-        return (
-            "TRITON_INTERPRET changed after the Triton kernels were first loaded "
-            f"(they were loaded {'for the interpreter' if _kernels().INTERPRETED else 'for the GPU'})"
-        )
-    return None
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -156,14 +125,3 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
             HAS_KEEP=has_keep, HAS_WINDOW=has_window, UPCAST=upcast, PRECISION=precision, BLOCK_D=block_d,
         )  # fmt: skip
     return dq.to(q.dtype), dk, dv
-
-
-def thought_attention_triton(q, k, v, *, key_padding_mask=None, scale, sliding_window=None, return_lse=False):
-    from .._ops import thought_attention_op
-
-    keep = None if key_padding_mask is None else key_padding_mask.contiguous()
-    window = -1 if sliding_window is None else int(sliding_window)
-    out, lse = thought_attention_op(q, k, v, keep, float(scale), window, "triton")
-    if return_lse:
-        return out, lse
-    return out

@@ -15,10 +15,16 @@ bfloat16 arithmetic is unreliable, which this also avoids). Rows with a NaN or +
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-__all__ = ["lse_rows_kernel", "sample_rows_kernel", "grad_rows_kernel", "gumbel_noise_kernel"]
+__all__ = ["lse_rows_kernel", "sample_rows_kernel", "grad_rows_kernel", "gumbel_noise_kernel", "INTERPRETED"]
+
+#: Whether the kernels below were decorated for the interpreter (``@triton.jit`` reads
+#: ``TRITON_INTERPRET`` when this module loads; the dispatch refuses a later change).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

@@ -2,13 +2,14 @@
 registered in C++ as the operators ``qstar_cuda::thought_attention_fwd`` / ``_bwd``
 (``TORCH_LIBRARY``; CUDA kernels only). Their fake implementations are registered here, so that
 ``torch.compile`` can trace them; the public op goes through ``qstar::thought_attention_fwd``
-(:mod:`qstar_kernels._ops`), whose autograd calls the backward operator.
+(:mod:`qstar_kernels.custom_ops`), whose autograd calls the backward operator. What this backend
+supports (dtypes, head dims 64 and 128) is in :mod:`qstar_kernels.dispatch`.
 
 float16/bfloat16 run on the tensor cores (WMMA, float32 accumulation), float32 in plain FMA.
 Head dims 64 and 128. Inputs are made contiguous on entry (the kernels read rows of ``D``).
 
 This backend is compiled and statically checked (ptxas resources) on machines without a GPU; see
-the README for what has and has not been run.
+``docs/kernels.md``, "CUDA status: what was checked without a GPU", for what has and has not run.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import functools
 
 import torch
 
-from .. import _ext
+from ... import _ext
 
-__all__ = ["unavailable_reason", "forward", "backward", "thought_attention_cuda", "HEAD_DIMS"]
-
-HEAD_DIMS = (64, 128)
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["ops_registered", "forward", "backward"]
 
 
 @functools.cache
@@ -53,28 +51,6 @@ def _register_fakes() -> None:
         )
 
 
-def unavailable_reason(device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """None if the CUDA kernels can run on such tensors (``head_dim`` 0: not known), else why not."""
-    if _ext.cuda_extension() is None:
-        return (
-            "the CUDA extension qstar_kernels._C_cuda is not built or does not import "
-            f"({_ext.cuda_extension_error()}); it is built by `pip install -e . --no-build-isolation` "
-            "when torch is a CUDA build and nvcc is found"
-        )
-    if not ops_registered():
-        return (
-            "qstar_kernels._C_cuda was built from older sources without the thought attention "
-            "kernels; rebuild it with `pip install -e . --no-build-isolation`"
-        )
-    if device_type != "cuda":
-        return f"the 'cuda' backend runs on CUDA tensors, got tensors on {device_type}"
-    if dtype not in _SUPPORTED:
-        return f"the 'cuda' backend supports float16, bfloat16 and float32, got {dtype}"
-    if head_dim and head_dim not in HEAD_DIMS:
-        return f"the 'cuda' backend supports head dims {HEAD_DIMS}, got D={head_dim}"
-    return None
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned: the kernels read rows in 16-byte vectors. A contiguous view
     that starts mid-allocation (``buf[1:].view(...)``) is copied, as ``.contiguous()`` would copy a
@@ -86,7 +62,6 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def forward(q, k, v, keep, scale: float, window: int):
     """(out (B, Hq, L, D) in q.dtype, lse (B, Hq, L) float32)."""
     ops_registered()
-    keep = None if keep is None else keep.contiguous()
     return torch.ops.qstar_cuda.thought_attention_fwd(
         _dense(q), _dense(k), _dense(v), keep, float(scale), int(window)
     )
@@ -95,7 +70,6 @@ def forward(q, k, v, keep, scale: float, window: int):
 def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: int):
     """(dq, dk, dv) in the inputs' dtypes; ``grad_lse`` may be None."""
     ops_registered()
-    keep = None if keep is None else keep.contiguous()
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()
@@ -111,14 +85,3 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, keep, scale: float, window: 
         float(scale),
         int(window),
     )
-
-
-def thought_attention_cuda(q, k, v, *, key_padding_mask=None, scale, sliding_window=None, return_lse=False):
-    from .._ops import thought_attention_op
-
-    keep = None if key_padding_mask is None else key_padding_mask.contiguous()
-    window = -1 if sliding_window is None else int(sliding_window)
-    out, lse = thought_attention_op(q, k, v, keep, float(scale), window, "cuda")
-    if return_lse:
-        return out, lse
-    return out

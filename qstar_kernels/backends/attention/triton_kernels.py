@@ -4,7 +4,7 @@
 Every kernel works in base 2: scores are multiplied by ``scale * log2(e)`` once, so the
 softmax uses ``exp2``; the stored ``lse`` is converted back to the natural log.
 
-Layout of keys and values (``kernels.md`` section 1)::
+Layout of keys and values (``docs/kernels.md``, "Contract: thought attention")::
 
     k, v: (B, Hkv, (depth + 1) * L, D)   [ text block | step-1 block | ... | step-depth block ]
 

@@ -1,12 +1,12 @@
-"""The ``"cpu"`` backend of the LM-head ops: each pass of :mod:`.lm_head_chunked` runs in C++
-(``csrc/cpu/lm_head.cpp``): OpenMP over vocabulary blocks, single-threaded BLAS GEMMs per tile,
+"""The ``"cpu"`` backend of the LM-head ops: each pass of :class:`.base.LMHeadPasses` runs in
+C++ (``csrc/cpu/lm_head.cpp``): OpenMP over vocabulary blocks, single-threaded BLAS GEMMs per tile,
 vectorised row loops. Tiles are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
 widened on entry."""
 
 from __future__ import annotations
 
-from .. import _ext
-from .lm_head_chunked import LMHeadPasses, choose_tiling
+from ... import _ext
+from .base import LMHeadPasses, choose_tiling
 
 __all__ = ["CpuPasses"]
 

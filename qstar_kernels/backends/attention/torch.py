@@ -1,4 +1,5 @@
-"""The ``"torch"`` backend: plain PyTorch that keeps the structure and runs on any device.
+"""The ``"torch"`` backend of ``thought_attention``: plain PyTorch that keeps the structure and runs
+on any device.
 
 It never builds the ``(L, (a+1)L)`` mask and never copies key/value heads. The scores it holds
 are the causal ``(L, L)`` text block and the ``(L, a)`` diagonal of the thought blocks, merged in
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 
 
-def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_window=None, return_lse=False):
+def forward(q, k, v, keep, scale: float, window: int, return_lse: bool = False):
+    """``out`` ``(B, Hq, L, D)`` in q.dtype, or ``(out, lse)``; ``window <= 0`` means none."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -29,11 +31,11 @@ def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_wi
     s_text = torch.matmul(q5.reshape(B, Hkv, G * L, D), k_text.transpose(-1, -2)).reshape(B, Hkv, G, L, L)
     i = torch.arange(L, device=dev)
     allowed = i[None, :] <= i[:, None]
-    if sliding_window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
+    if window > 0:
+        allowed = allowed & (i[:, None] - i[None, :] < window)
     allowed = allowed.expand(B, L, L)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, :]
+    if keep is not None:
+        allowed = allowed & keep[:, None, :]
     s_text = s_text.masked_fill(~allowed[:, None, None], float("-inf"))
 
     # Thought blocks: query i sees only key i of each block, iff token i is real.  (B, Hkv, G, L, a)
@@ -41,16 +43,14 @@ def thought_attention_torch(q, k, v, *, key_padding_mask=None, scale, sliding_wi
     # matmuls over (b, h, i), so no key/value is repeated per query head.
     q_by_pos = q5.permute(0, 1, 3, 2, 4)  # (B, Hkv, L, G, D)
     s_diag = torch.matmul(q_by_pos, k_diag.permute(0, 1, 3, 4, 2)).permute(0, 1, 3, 2, 4)
-    if key_padding_mask is not None:
-        s_diag = s_diag.masked_fill(~key_padding_mask[:, None, None, :, None], float("-inf"))
+    if keep is not None:
+        s_diag = s_diag.masked_fill(~keep[:, None, None, :, None], float("-inf"))
 
     # Rows that may attend to nothing (left padding) get finite dummy scores, then exact zeros:
     # no NaN in either pass.  (B, 1, 1, L, 1)
     sees_something = allowed.any(dim=-1)
     if depth > 0:
-        sees_something = sees_something | (
-            key_padding_mask if key_padding_mask is not None else torch.ones_like(sees_something)
-        )
+        sees_something = sees_something | (keep if keep is not None else torch.ones_like(sees_something))
     empty = ~sees_something[:, None, None, :, None]
     scores = torch.cat([s_text, s_diag], dim=-1).masked_fill(empty, 0.0)  # (B, Hkv, G, L, L + a)
     probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)

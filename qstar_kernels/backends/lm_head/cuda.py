@@ -1,5 +1,5 @@
-"""The ``"cuda"`` backend of ``mixed_token_logprobs``: the tiled algorithm of
-:mod:`.lm_head_chunked` with cuBLAS GEMMs (``torch.mm`` in the inputs' dtype, so float16/bfloat16
+"""The ``"cuda"`` backend of ``mixed_token_logprobs``: the tile loop of
+:class:`.base.TiledPasses` with cuBLAS GEMMs (``torch.mm`` in the inputs' dtype, so float16/bfloat16
 use the tensor cores) and the CUDA kernels of ``csrc/cuda/mixing.cu`` for every other stage:
 
 * the fused mix prologue ``(1 - w) h_base + w h_thought`` and its backward epilogue;
@@ -18,12 +18,10 @@ import functools
 
 import torch
 
-from .. import _ext
-from .lm_head_chunked import TiledPasses, _Tiles
+from ... import _ext
+from .base import TiledPasses, _Tiles
 
-__all__ = ["CudaPasses", "ops_registered", "unavailable_reason"]
-
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["CudaPasses", "ops_registered"]
 
 
 @functools.cache
@@ -62,28 +60,6 @@ def _register_fakes() -> None:
             torch.empty_like(grad_h, memory_format=torch.contiguous_format),
             grad_h.new_empty((grad_h.shape[0],)),
         )
-
-
-def unavailable_reason(op: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
-    """None if the CUDA LM-head kernels can run ``op`` on such tensors, else why not."""
-    if op != "mixed_token_logprobs":
-        return f"the 'cuda' backend implements mixed_token_logprobs only, not {op} (use 'triton' on a GPU)"
-    if _ext.cuda_extension() is None:
-        return (
-            "the CUDA extension qstar_kernels._C_cuda is not built or does not import "
-            f"({_ext.cuda_extension_error()}); it is built by `pip install -e . --no-build-isolation` "
-            "when torch is a CUDA build and nvcc is found"
-        )
-    if not ops_registered():
-        return (
-            "qstar_kernels._C_cuda was built from older sources without the LM-head kernels; "
-            "rebuild it with `pip install -e . --no-build-isolation`"
-        )
-    if device.type != "cuda":
-        return f"the 'cuda' backend runs on CUDA tensors, got tensors on {device}"
-    if dtype is not None and dtype not in _SUPPORTED:
-        return f"the 'cuda' backend supports float32, float16 and bfloat16 inputs, got {dtype}"
-    return None
 
 
 class CudaPasses(TiledPasses):
