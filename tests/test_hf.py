@@ -29,7 +29,7 @@ transformers = pytest.importorskip(
 
 from tiny_models import tiny_lm  # noqa: E402
 
-from qstar_kernels import build_additive_thought_mask  # noqa: E402
+from qstar_kernels import build_additive_thought_mask, dispatch  # noqa: E402
 from qstar_kernels.hf import (  # noqa: E402
     ATTN_IMPLEMENTATION,
     SUPPORTED_RANGE,
@@ -44,7 +44,6 @@ from qstar_kernels.hf import (  # noqa: E402
     revert_qstar_kernels,
     thought_step,
 )
-from qstar_kernels.hf import attention as hf_attention  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 128
@@ -65,10 +64,10 @@ _ORIGINAL_SDPA = tuple(iface._global_mapping["sdpa"] for iface in _interfaces())
 def _clean_patches():
     """Every test starts and ends with no patch applied and the fallback warning not yet shown."""
     revert_qstar_kernels()
-    hf_attention._warned.clear()
+    dispatch._warned.clear()
     yield
     revert_qstar_kernels()
-    hf_attention._warned.clear()
+    dispatch._warned.clear()
 
 
 def make_model(arch: str, seed: int = 0, sliding_window: int | None = None, **overrides):

@@ -1,6 +1,6 @@
 // Torch glue of the CUDA kernels of mixed_token_logprobs (csrc/cuda/mixing.cu): input checks,
 // allocation, the current stream, and the operators qstar_cuda::lm_head_* (CUDA kernels here;
-// fakes in Python, in the "cuda" LM-head backend under qstar_kernels/backends/, which runs the
+// fakes in Python, in the "cuda" LM-head backend qstar_kernels/backends/lm_head/cuda.py, which runs the
 // chunk loop with cuBLAS GEMMs through torch.mm).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,7 +1,7 @@
 // Torch glue of the CUDA thought attention kernels: input checks with clear messages, allocation,
 // the current stream, and the registration as the operators qstar_cuda::thought_attention_fwd /
 // thought_attention_bwd (CUDA kernels here; fake implementations and autograd in Python, the
-// "cuda" attention backend under qstar_kernels/backends/).
+// "cuda" attention backend, qstar_kernels/backends/attention/cuda.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

@@ -20,13 +20,13 @@ warned about.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable
 
 import torch
 
 from ..attention import thought_attention
+from ..dispatch import warn_once
 from .thought import ThoughtStep, active_thought_step
 
 __all__ = ["make_attention_function", "make_mask_function", "DENSE_MASK_FALLBACK_MESSAGE"]
@@ -54,13 +54,6 @@ DENSE_MASK_FALLBACK_MESSAGE = (
 
 # Masks that a patched mask function built, by id (the values are weak, so nothing is kept alive).
 _BUILT_MASKS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _remember(mask) -> None:
@@ -130,9 +123,10 @@ def _note_custom_mask(mask: torch.Tensor) -> None:
     """A 4-D mask the caller built. Warn (once) when it has the shape of a dense thought mask."""
     L, Lk = mask.shape[-2], mask.shape[-1]
     if L > 1 and Lk >= 2 * L and Lk % L == 0:
-        _warn_once(
-            "dense-mask",
+        warn_once(
+            "hf-dense-mask",
             DENSE_MASK_FALLBACK_MESSAGE.format(shape=tuple(mask.shape), L=L, Lk=Lk, n=Lk // L),
+            stacklevel=3,
         )
 
 
