@@ -385,14 +385,6 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             count = valid.sum()
         return ce.sum() / count.clamp_min(1)
 
-    def _nll(self, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Mean of a per-token CE: over non-zero entries (the authors) or over real targets."""
-        if self.config.nll_normalization == "nonzero":
-            count = (ce != 0).sum()
-        else:
-            count = valid.sum()
-        return ce.sum() / count.clamp_min(1)
-
     # ----------------------------------------------------------------------------- forward
 
     def forward(

@@ -40,3 +40,13 @@ def seed(request):
     s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: the tiny models' ops are far too small for threads, and
+    on a shared 2-core machine two OpenMP threads make them tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,14 +24,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LETTERS = list("ABCDE")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models' ops are far too small for threads: on the shared 2-core machine two OpenMP
-    # threads make them tens of times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

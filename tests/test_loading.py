@@ -14,13 +14,7 @@ from qstar import QuietStarConfig  # noqa: E402
 from qstar.eval import evaluate_direct, gsm8k_direct_prompt  # noqa: E402
 from qstar.loading import build_model, load_model, resolve_model_dir  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_looking_model():
