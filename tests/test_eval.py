@@ -36,7 +36,9 @@ def tiny_model(*, nonzero_head=True, thought_temperature=1.0, seed=0) -> QuietSt
     """A 2-layer hidden-32 Mistral with qstar.tiny's character tokenizer (every ASCII character)."""
     tok = tiny_tokenizer()
     config = QuietStarConfig(n_thought_tokens=2, eval_thought_temperature=thought_temperature)
-    model = QuietStarForCausalLM.from_base(tiny_mistral(len(tok), seed=seed), tok, config)
+    with torch.random.fork_rng():  # the heads' initialisation must not depend on the tests run before
+        torch.manual_seed(seed)
+        model = QuietStarForCausalLM.from_base(tiny_mistral(len(tok), seed=seed), tok, config)
     if nonzero_head:
         with torch.no_grad():
             last = model.mixing_head[-1].weight
