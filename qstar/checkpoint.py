@@ -131,6 +131,14 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
 
 
+def _state_dict_name(name: str) -> str:
+    """A parameter's name in a full optimizer state dict: without the DDP, activation-checkpoint and
+    torch.compile wrappers' prefixes (FSDP2 keeps the names)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("module.")
+
+
 def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, dist: Dist, generator) -> dict:
     """Restore the optimizer, the scheduler and this rank's RNG streams; return the saved state
     (its ``step``, ``skipped_total``, ``sampler``, ...)."""
@@ -138,10 +146,16 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, dist: Dist
 
     state = read_trainer_state(checkpoint)
     # Not strict: a parameter the objective never gave a gradient has no AdamW state in the
-    # checkpoint; it loads with zero moments (torch initialises every state before loading).
+    # checkpoint. torch initialises every state (a zero step) before loading, so such a parameter
+    # would come back with step 1 and zero moments, and its first real update would use the wrong
+    # bias correction; its state is dropped again, as in the run that never stopped.
     set_optimizer_state_dict(
         model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False)
     )
+    saved = set(state["optimizer"]["state"])
+    for name, param in model.named_parameters():
+        if _state_dict_name(name) not in saved:
+            optimizer.state.pop(param, None)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = checkpoint / f"rng_state_{dist.rank}.pt"
     if rng_file.is_file():
