@@ -8,9 +8,11 @@ Each op is opaque to ``torch.compile``: its fake implementation gives the output
 that calls the public ops traces with ``fullgraph=True``. The autograd formula of each forward op
 calls its backward op, and refuses double backward (the kernels' gradients are not themselves
 differentiable). The checks that read tensor values (target ids, banned ids) run inside the ops,
-so that a compiled graph has no data-dependent branch around them. Sampling takes its seed as a
-0-d int64 tensor, drawn outside the op (:func:`qstar_kernels.sampling.draw_sampling_seed`), so the
-draw is part of the traced graph and the op itself is deterministic.
+so that a compiled graph has no data-dependent branch around them (eagerly, the public functions
+check the banned ids before anything runs as well). Sampling takes its seed as a 0-d int64 tensor,
+drawn outside the op from the caller's generator (``qstar_kernels.sampling._seed_tensor``, the same
+draw as :func:`qstar_kernels.sampling.draw_sampling_seed`; under ``torch.compile`` the compiled RNG
+draws it), so the op itself is deterministic.
 
 The pure-PyTorch ``reference`` backends (and the attention's structured ``torch`` backend) need no
 registration: torch.compile traces through them.

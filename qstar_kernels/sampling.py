@@ -51,7 +51,7 @@ def _validate(h, weight, banned_ids, temperature, logprob_temperature, generator
             f"weight must have shape (V, H) with V >= 1 and H={H} (h.shape[1]), got {_c.shape_of(weight)}"
         )
     _c.check_same("weight", weight, "h", h)
-    banned = None  # int64 ids; their values are checked where the work starts (banned_id_set), once
+    banned = None  # int64 ids, kept on the CPU: their values are checked on the CPU (banned_id_set)
     if banned_ids is not None:
         if isinstance(banned_ids, torch.Tensor):
             if (
@@ -65,7 +65,7 @@ def _validate(h, weight, banned_ids, temperature, logprob_temperature, generator
             banned = banned_ids.detach().to(torch.int64).reshape(-1)
         elif isinstance(banned_ids, (list, tuple, range)):
             ids = [_c.as_int(f"banned_ids[{j}]", x) for j, x in enumerate(banned_ids)]
-            banned = torch.tensor(ids, dtype=torch.int64, device=h.device)
+            banned = torch.tensor(ids, dtype=torch.int64)
         else:
             raise TypeError(
                 "banned_ids must be None, a sequence of ints or a 1-D integer tensor, "
@@ -116,6 +116,10 @@ def sample_thought_tokens(
     banned, temperature, logprob_temperature = _validate(
         h, weight, banned_ids, temperature, logprob_temperature, generator, backend
     )
+    if not torch.compiler.is_compiling():
+        # Eagerly, the values are checked before anything runs or the generator advances; a compiled
+        # graph cannot branch on them, and the op checks them itself (on this CPU copy: no sync).
+        banned = _c.banned_id_set(banned, weight.shape[0])
     chosen = dispatch.select_backend("sample_thought_tokens", backend, h.device, h.dtype)
     if chosen == "reference":
         banned = _c.banned_id_set(banned, weight.shape[0])

@@ -405,6 +405,14 @@ class TestBadInput:
         with pytest.raises(TypeError, match=r"banned_ids must be None, a sequence of ints .*got str"):
             self.call(backend, banned_ids="3")
 
+    def test_bad_banned_ids_leave_the_generator_alone(self, backend):
+        g = torch.Generator().manual_seed(5)
+        with pytest.raises(ValueError, match=r"banned_ids must be in \[0, V=11\), got 11"):
+            self.call(backend, banned_ids=[1, 11], generator=g)
+        assert torch.equal(
+            torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(5))
+        )
+
     def test_temperatures(self, backend):
         with pytest.raises(ValueError, match=r"temperature must be >= 0 \(0 = greedy\), got -1.0"):
             self.call(backend, temperature=-1.0)
