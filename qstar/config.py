@@ -55,18 +55,18 @@ class QuietStarConfig:
     The authors' names are given in brackets where they differ.
     """
 
-    # --- thought and talk lengths (section 3) --------------------------------------------------
+    # --- thought and talk lengths (docs/algorithm.md, "Notation") --------------------------
     #: sampled thought tokens per position, excluding <start> and <end> [n_ahead - 3].
     n_thought_tokens: int = 9
     #: teacher-forced talk predictions per position (non-myopic window) [n_ahead_talk].
     n_talk_tokens: int = 4
     #: rationales sampled per sequence; the rewards' baseline is their mean [n_passes].
     n_rationales: int = 2
-    #: in eval mode the authors override K := 1 and P := 1 (section 8.6).
+    #: in eval mode the authors override K := 1 and P := 1 (docs/algorithm.md, "Eval-mode overrides").
     eval_n_talk_tokens: int = 1
     eval_n_rationales: int = 1
 
-    # --- meta tokens (section 5) ---------------------------------------------------------------
+    # --- meta tokens (docs/algorithm.md, "Meta tokens") -----------------------------------------
     start_token: str = "<|startthought|>"
     end_token: str = "<|endthought|>"
     #: both meta embeddings start from the embedding of the first token of this string
@@ -76,7 +76,7 @@ class QuietStarConfig:
     #: scales their effective Adam learning rate by the same factor [embedding_scale].
     meta_embedding_scale: float = 100.0
 
-    # --- mixing head (section 6) ---------------------------------------------------------------
+    # --- mixing head (docs/algorithm.md, "The mixing head") -------------------------------------
     #: Linear layers of the head on [h_base ; h_thought] (3: 2H->H, ReLU, H->H, ReLU, H->1).
     mixing_head_layers: int = 3
     #: width of the hidden layers (None: the model's hidden size).
@@ -84,7 +84,7 @@ class QuietStarConfig:
     #: the last layer starts at zero, so w = 0 and the model starts as the base LM.
     mixing_head_zero_init: bool = True
 
-    # --- sampling and REINFORCE (section 8) ----------------------------------------------------
+    # --- sampling and REINFORCE (docs/algorithm.md, "The objective") ----------------------------
     #: thought tokens are sampled from softmax(z / thought_temperature) in training.
     thought_temperature: float = 1.0
     #: and in eval mode; 0 is greedy. The authors' eval sets tau=0.001, which hard Gumbel
@@ -104,7 +104,7 @@ class QuietStarConfig:
     #: like the authors, only when n_rationales > 1 (one rationale: the raw reward).
     baseline: str = "mean_rationales"
 
-    # --- arithmetic choices (section 13) -------------------------------------------------------
+    # --- arithmetic choices (docs/algorithm.md, "The authors' quirks") --------------------------
     #: "nonzero": sum / count of non-zero entries (the authors' loss_mean, quirk 15);
     #: "tokens": sum / count of real target tokens.
     nll_normalization: str = "tokens"

@@ -38,6 +38,8 @@ def build_model(
     """A ``QuietStarForCausalLM``: from a trainer ``checkpoint`` directory (its ``model/``) when one
     is given, else new heads (initialised from ``seed``) over ``model``: ``"tiny"`` or an HF model
     path or name (loaded in float32 with SDPA attention)."""
+    if not isinstance(model, str):  # the trainer's old form took a RunConfig
+        raise TypeError(f"model must be 'tiny' or an HF model path or name (str), got {type(model).__name__}")
     if checkpoint is not None:
         return QuietStarForCausalLM.from_pretrained(str(Path(checkpoint) / "model"))
     if model == "tiny":

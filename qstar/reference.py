@@ -7,14 +7,15 @@ as ``docs/algorithm.md`` describes it: the authors' reference code (github.com/e
 dense additive float masks grown by one diagonal block per step, a DynamicCache, one-hot @
 embedding-matrix inputs, full-vocabulary logits at every step.
 
-Interpretation choices where the note leaves room (each is repeated at the line it concerns):
+Interpretation choices where the description leaves room (each is repeated at the line it concerns):
 
 1. Labels are `input_ids` (the authors' `labels = ids`); a label is ignored in every CE when it equals
-   `pad_token_id` (the authors' quirk, section 13.14), not where `attention_mask` is 0. With right
-   padding that holds pad_token_id the two coincide.
+   `pad_token_id` (the authors' quirk 14, ``docs/algorithm.md``, "The authors' quirks"), not where
+   `attention_mask` is 0. With right padding that holds pad_token_id the two coincide.
 2. The step-0 input embedding is the ordinary embedding lookup (`embed_tokens(input_ids)`, as the HF
    model does when given input_ids); the one-hot `(R*L, V) @ E` matmul is used for the sampled thought
-   tokens and the teacher-forced talk tokens (section 8.1, 7). Both give the same numbers in float32.
+   tokens and the teacher-forced talk tokens (``docs/algorithm.md``, "Sampling thought tokens" and
+   "Non-myopic teacher forcing"). Both give the same numbers in float32.
 3. Which step gets the start/end embedding is decided by the step index (step 1 and step T-1), not by
    the authors' "does the one-hot contain the start/end id anywhere" test. The two differ only if the
    text itself contains a meta id; that case is outside the spec and not rejected here.
@@ -24,9 +25,10 @@ Interpretation choices where the note leaves room (each is repeated at the line 
    is drawn the way `F.gumbel_softmax` draws it (`-log(Exp(1))`), but from the generator (the torch
    function has no generator argument); without one, `F.gumbel_softmax` itself is called.
 5. Baseline: `A = r - mean over the P copies` only when P > 1 (the authors' `trice_mode and n_passes > 1`
-   guard, section 8.3); with P = 1, `A = r`. Then `A+ = max(A, 0)` when remove_negative_rewards.
+   guard, ``docs/algorithm.md``, "Rewards and the baseline"); with P = 1, `A = r`. Then
+   `A+ = max(A, 0)` when remove_negative_rewards.
 6. NLL weights: `original_loss_weight` on the base loss, `1 - original_loss_weight` on the mean of the
-   talk losses (both 0.5 with the default, which is what the note's formula states).
+   talk losses (both 0.5 with the default: the formula in ``docs/algorithm.md``, "The NLL losses").
 7. The policy loss needs at least one sampled thought token: n_ahead >= 4 is required (T - 3 >= 1).
 8. The eval-mode override of the authors (K := 1, P := 1 when not model.training) is NOT implemented:
    the model runs in whatever train/eval mode it is in, with the K and P given.
@@ -64,7 +66,8 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, pad_token_id: int) -> t
 def base_causal_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(R, 1, L, L) additive mask of the step-0 pass: query i sees key k iff k <= i and key k is not pad.
 
-    This is what HF's _prepare_4d_causal_attention_mask produced for the authors (section 4.1.1).
+    This is what HF's _prepare_4d_causal_attention_mask produced for the authors
+    (``docs/algorithm.md``, "The thought mask").
     """
     R, L = keep.shape
     causal = torch.ones(L, L, dtype=torch.bool, device=keep.device).tril()
@@ -75,7 +78,7 @@ def base_causal_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def extend_mask(mask: torch.Tensor, L: int) -> torch.Tensor:
-    """Append one diag(non-pad) block on the key axis (section 4.1.2).
+    """Append one diag(non-pad) block on the key axis (``docs/algorithm.md``, "The thought mask").
 
     The base block's allowed entries are those equal to the mask's maximum (0); the identity keeps the
     diagonal only where the base diagonal is allowed, i.e. where x_j is not padding.

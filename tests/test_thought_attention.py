@@ -165,7 +165,10 @@ def test_lse_only_gradient(backend, seed):
     dq64, dk64 = torch.autograd.grad(lse64.sum(), (q64, k64))
     assert_close_to_reference("dq", dq, dq64)
     assert_close_to_reference("dk", dk, dk64)
-    assert dv is None or torch.all(dv == 0), "the lse does not depend on v"
+    if backend in ("cpu", "triton", "cuda"):  # the custom op always returns a (zero) dv
+        assert dv is not None and torch.all(dv == 0), "the lse does not depend on v"
+    else:  # autograd: v is not in the lse's graph
+        assert dv is None, "the lse does not depend on v"
 
 
 def test_backends_agree_with_each_other(seed):
