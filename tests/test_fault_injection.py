@@ -83,18 +83,20 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(reference, tmp_path, 
     assert lost == 0
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_sigkill_while_a_rollback_deletes_an_old_checkpoint(reference, tmp_path, capsys, n):
-    """Resume a finished 4-step run from checkpoint-2 in the same directory; SIGKILL while the old
-    checkpoint-3 (n=1) or checkpoint-4 (n=2, the one ``latest`` named before the rollback) is deleted
-    to make room for the new one. ``latest`` still names a complete checkpoint, and resuming from it
-    ends as the uninterrupted run."""
+@pytest.mark.parametrize("resume_from", [2, 3])
+def test_sigkill_while_a_rollback_deletes_an_old_checkpoint(reference, tmp_path, capsys, resume_from):
+    """Resume a finished 4-step run from an older checkpoint in the same directory; SIGKILL while the
+    old checkpoint of the next step is deleted to make room for the new one: from checkpoint-2 that
+    is checkpoint-3 (the logs were cut to step 2; `latest` named checkpoint-4), from checkpoint-3 it is
+    checkpoint-4, the one `latest` named. `latest` still names a complete checkpoint, and resuming
+    from it ends as the uninterrupted run."""
     out = tmp_path / "rollback"
     shutil.copytree(reference, out)
-    assert _attempt(out, "checkpoint-delete", n, "--resume", str(out / "checkpoint-2"))
+    assert _attempt(out, "checkpoint-delete", 1, "--resume", str(out / f"checkpoint-{resume_from}"))
     latest = out / (out / "latest").read_text().strip()
     assert (latest / "trainer_state.pt").is_file() and (latest / "model").is_dir(), f"{latest} is incomplete"
     _finish(out)
     lost = compare_runs(reference, out, MAX_STEPS)
-    _report(capsys, f"rollback: SIGKILL while deleting old checkpoint-{2 + n} survived; bytes lost {lost}")
+    deleted = f"checkpoint-{resume_from + 1}"
+    _report(capsys, f"rollback to step {resume_from}: SIGKILL deleting the old {deleted}; bytes lost {lost}")
     assert lost == 0
