@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .distributed import Dist, unwrap
+from .faults import fault_point
 
 log = logging.getLogger("qstar.train")
 
@@ -105,8 +106,10 @@ def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: D
             (tmp / f"{name}_config.json").write_text(json.dumps(state[name], indent=2, sort_keys=True) + "\n")
     dist.barrier()
     if dist.is_main:
+        fault_point("checkpoint-write")
         if final.exists():
             shutil.rmtree(final)
+            fault_point("checkpoint-delete")
         os.replace(tmp, final)
         write_atomic(out / "latest", final.name + "\n")
     dist.barrier()

@@ -349,6 +349,8 @@ class RunConfig:
     cpu_threads: int | None = None
     progress: bool = True
     plot: bool = True
+    #: a fresh run into an output directory holding a previous run removes it (qstar.run_dir).
+    overwrite: bool = False
 
     def validate(self) -> None:
         _check_choice("--distributed", self.distributed, DISTRIBUTED)

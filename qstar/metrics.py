@@ -5,17 +5,27 @@
     plot_metrics(out / "metrics.csv", out / "metrics.png", panels=objective.panels)
 
 The columns are the objective's (``step``, ``lr``, its statistics, then ``grad_norm``,
-``tokens_per_s``, ``skipped``, ``skipped_total``: :func:`csv_fields`); on resume the CSV keeps its
-rows up to the resumed step, so it holds every step once.
+``tokens_per_s``, ``skipped``, ``skipped_total``: :func:`csv_fields`).
+
+Crash safety: ``metrics.csv`` and the samples file (``thoughts.txt``) are only ever appended to, a
+whole record per write, flushed to disk (fsync) before the loop goes on. When a run starts (fresh or
+resumed at step s) each is cut back to its records up to step s: the kept prefix is written to a
+temporary file, fsynced and renamed over the old one (:func:`replace_atomic`), so a crash at any
+moment leaves either the old file or the cut one, never a truncated one, and each file holds
+exactly one record per logged step.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MetricsWriter", "csv_fields", "plot_metrics", "read_metrics"]
+from .faults import fault_point
+
+__all__ = ["MetricsWriter", "append_durably", "csv_fields", "plot_metrics", "read_metrics", "replace_atomic"]
 
 #: a panel of the plot: (title, the columns drawn in it).
 Panel = tuple[str, Sequence[str]]
@@ -27,26 +37,33 @@ def csv_fields(stat_names: Sequence[str]) -> list[str]:
 
 
 class MetricsWriter:
-    """``metrics.csv`` (rewritten up to the resume step, then appended), TensorBoard, wandb."""
+    """``metrics.csv`` and the samples file (cut back to ``start_step``, then appended), TensorBoard,
+    wandb."""
 
-    def __init__(self, out: Path, start_step: int, report_to: list[str], config: dict, fields: list[str]):
+    def __init__(
+        self,
+        out: Path,
+        start_step: int,
+        report_to: list[str],
+        config: dict,
+        fields: list[str],
+        samples_file: str | None = None,
+    ):
         self.path = out / "metrics.csv"
         self.fields = list(fields)
-        rows = []
-        if start_step > 0 and self.path.is_file():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            w.writeheader()
-            w.writerows(rows)
+        self.samples_path = out / samples_file if samples_file is not None else None
+        _cut_csv(self.path, start_step, self.fields)
+        if self.samples_path is not None:
+            _cut_records(self.samples_path, start_step)
         self.tb = self.wandb = None
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise ValueError("--report-to tensorboard, but tensorboard is not installed") from err
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # purge_step: TensorBoard drops the events a crashed run logged after the resumed step
+            purge = start_step + 1 if start_step else None
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
         if "wandb" in report_to:
             try:
                 import wandb
@@ -55,8 +72,8 @@ class MetricsWriter:
             self.wandb = wandb.init(project="qstar", dir=str(out), config=config, resume="allow")
 
     def write(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields).writerow({k: row.get(k, "") for k in self.fields})
+        append_durably(self.path, _csv_line(self.fields, {k: row.get(k, "") for k in self.fields}))
+        fault_point("log-append")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":
@@ -64,11 +81,112 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def write_samples(self, step: int, samples: Sequence[str]) -> None:
+        """One record of the samples file: a line ``step <step>``, then one line per sample."""
+        if self.samples_path is None:
+            return
+        lines = [f"step {step}"] + [s.replace("\r", "\\r").replace("\n", "\\n") for s in samples]
+        append_durably(self.samples_path, "\n".join(lines) + "\n")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------------
+# Durable appends and atomic cuts
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_durably(path: Path, text: str) -> None:
+    """Append ``text`` (whole records) to ``path`` in one write and fsync it."""
+    with Path(path).open("a", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_atomic(path: Path, data: bytes, fault: str | None = "log-rewrite") -> None:
+    """Make ``path`` hold ``data``: write a temporary file beside it, fsync it, rename it over
+    ``path``, fsync the directory. A crash leaves the old file or the new one. ``fault``: the
+    :func:`~qstar.faults.fault_point` between the write and the rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if fault is not None:
+        fault_point(fault)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _csv_line(fields: Sequence[str], row: dict) -> str:
+    buf = io.StringIO(newline="")
+    csv.DictWriter(buf, fieldnames=fields).writerow(row)
+    return buf.getvalue()
+
+
+def _cut(path: Path, data: bytes, keep: int) -> None:
+    if keep != len(data) or not path.exists():
+        replace_atomic(path, data[:keep])
+
+
+def _cut_csv(path: Path, step: int, fields: list[str]) -> None:
+    """Cut ``metrics.csv`` back to its rows up to ``step`` (a new file: the header alone)."""
+    header = _csv_line(fields, dict(zip(fields, fields))).encode()
+    data = path.read_bytes() if path.is_file() else b""
+    if not data.startswith(header):  # absent, or written with other columns: convert what is kept
+        rows = []
+        if data:
+            reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
+            rows = [r for r in reader if _int(r.get("step")) is not None and _int(r["step"]) <= step]
+        kept = header + b"".join(_csv_line(fields, {k: r.get(k, "") for k in fields}).encode() for r in rows)
+        return replace_atomic(path, kept)
+    keep = len(header)
+    for line in data[len(header) :].splitlines(keepends=True):
+        n = _int(line.split(b",", 1)[0])
+        if not line.endswith(b"\n") or n is None or n > step:  # a torn last line, or a later step
+            break
+        keep += len(line)
+    _cut(path, data, keep)
+
+
+def _cut_records(path: Path, step: int) -> None:
+    """Cut the samples file back to its records (a line ``step N`` and what follows) up to ``step``."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = 0
+    for line in data.splitlines(keepends=True):
+        n = _int(line[5:]) if line.startswith(b"step ") else None
+        if not line.endswith(b"\n") or (n is not None and n > step):
+            break
+        keep += len(line)
+    _cut(path, data, keep)
+
+
+def _int(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -51,9 +51,12 @@ from .config import (
 )
 from .data import DEMO_CORPUS, GlobalBatchSampler
 from .distributed import Dist, gradient_sync, meta_copy, setup_distributed, unwrap, wrap_model
+from .faults import fault_point
+from .interrupt import StopOnSignal
 from .loading import build_model
-from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics
+from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics, replace_atomic
 from .objective import Objective, QuietStarObjective, non_finite
+from .run_dir import claim_output_dir
 
 log = logging.getLogger("qstar.train")
 
@@ -141,10 +144,21 @@ def train(
     method: QuietStarConfig, training: TrainingConfig, run: RunConfig, objective: Objective | None = None
 ) -> TrainResult:
     """Train ``objective`` (default: :class:`~qstar.objective.QuietStarObjective`) to
-    ``training.max_steps``, from scratch or from ``run.resume``."""
+    ``training.max_steps``, from scratch or from ``run.resume``.
+
+    The run locks its output directory and refuses one holding a previous run unless resuming or
+    ``run.overwrite`` (:mod:`qstar.run_dir`, ``OutputDirError``). SIGINT/SIGTERM stop it after the
+    current step with a checkpoint (:mod:`qstar.interrupt`, ``TrainingInterrupted``)."""
     run.validate()
     objective = objective if objective is not None else QuietStarObjective()
     dist = _setup(run)
+    with claim_output_dir(run, dist, objective.samples_file), StopOnSignal(dist) as stop:
+        return _train(method, training, run, objective, dist, stop)
+
+
+def _train(
+    method: QuietStarConfig, training: TrainingConfig, run: RunConfig, objective: Objective, dist: Dist, stop
+) -> TrainResult:
     out = Path(run.output_dir)
     checkpoint = resolve_checkpoint(run.resume, run.output_dir) if run.resume else None
     if checkpoint is not None:  # the checkpoint's configs win; only max_steps may change
@@ -155,9 +169,6 @@ def train(
         method = QuietStarConfig.from_dict(saved["method"])
         del saved
     accum = accumulation_steps(training, dist.world_size)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
 
     # Seeds: the same model on every rank; thought sampling differs per rank.
     random.seed(training.seed)
@@ -191,7 +202,15 @@ def train(
 
     config_dump = {"method": method.to_dict(), "training": training.to_dict(), "run": dataclasses.asdict(run)}
     fields = csv_fields(objective.stat_names)
-    writer = MetricsWriter(out, step, run.report_to, config_dump, fields) if dist.is_main else None
+    if dist.is_main and checkpoint is not None and checkpoint.resolve().parent == out.resolve():
+        # A rollback: `latest` names the resumed checkpoint before the logs are cut back to it, so
+        # a crash never leaves `latest` at a later step than the logs.
+        replace_atomic(out / "latest", f"{checkpoint.name}\n".encode(), fault=None)
+    writer = (
+        MetricsWriter(out, step, run.report_to, config_dump, fields, objective.samples_file)
+        if dist.is_main
+        else None
+    )
     if dist.is_main:
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         log.info(
@@ -207,7 +226,8 @@ def train(
     )
     history, consecutive, last_ckpt = [], 0, None
     params = [p for p in model.parameters() if p.requires_grad]
-    while step < training.max_steps:
+    stopping = stop.requested()  # a signal during the setup: no step
+    while step < training.max_steps and not stopping:
         t0 = time.perf_counter()
         model.train()
         stats, n_tokens = [], 0
@@ -276,12 +296,12 @@ def train(
             samples = objective.samples(result, batch, tokenizer, training.log_sample_thoughts)
             for t in samples:
                 bar.write(f"  {objective.sample_label} {t}")
-            if objective.samples_file is not None:
-                with (out / objective.samples_file).open("a") as f:
-                    f.write("\n".join([f"step {step}"] + samples) + "\n")
+            writer.write_samples(step, samples)
         del result
 
-        if step % training.save_every == 0 or step == training.max_steps:
+        stopping = stop.requested()  # SIGINT/SIGTERM: save this step and stop
+        if step % training.save_every == 0 or step == training.max_steps or stopping:
+            fault_point("save")
             state = {
                 "step": step,
                 "skipped_total": skipped_total,
@@ -303,6 +323,8 @@ def train(
             png = plot_metrics(writer.path, out / "metrics.png", title=title, panels=objective.panels)
             log.info("wrote %s and %s", writer.path, png)
     dist.barrier()
+    if stopping:
+        stop.exit(step, last_ckpt)  # raises TrainingInterrupted
     return TrainResult(out, step, skipped_total, history, last_ckpt)
 
 
@@ -345,6 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--data-split", default="train", help="the split of a datasets name")
     p.add_argument("--output-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--resume", default=None, help="'latest', a checkpoint dir, or an output dir")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds "
+                   "a previous run: remove its checkpoints and logs first")  # fmt: skip
     p.add_argument("--distributed", default="auto", choices=DISTRIBUTED)
     p.add_argument(
         "--fsdp-unit",
@@ -394,6 +418,7 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
         cpu_threads=args.cpu_threads or (1 if args.preset == "tiny-demo" else None),
         progress=not args.no_progress,
         plot=not args.no_plot,
+        overwrite=args.overwrite,
     )
     run.validate()
     return method, training, run
