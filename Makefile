@@ -101,7 +101,7 @@ bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only
 
 demo:
-	$(PY) -m qstar.train --preset tiny-demo
+	$(PY) -m qstar.train --preset tiny-demo --overwrite
 
 eval-tiny:
 	$(PY) -m qstar.eval --model tiny --tasks gsm8k,csqa,gsm8k-cot,perplexity \
