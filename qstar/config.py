@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,32 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
+    """``value`` is an int (``integer``) or a finite number, > 0 (>= 0 with ``allow_zero``)."""
+    bound = ">= 0" if allow_zero else "> 0"
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        want = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {want}, got {type(value).__name__} {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
+        want = "an int" if integer else "a finite number"
+        raise TypeError(f"{name} must be {want} {bound}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        want = "" if integer else "a finite number "
+        raise ValueError(f"{name} must be {want}{bound}, got {value!r}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _check_text(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {type(value).__name__} {value!r}")
 
 
 @dataclass
@@ -136,10 +156,12 @@ class QuietStarConfig:
         _check_choice("baseline", self.baseline, BASELINES)
         _check_choice("nll_normalization", self.nll_normalization, NLL_NORMALIZATIONS)
         _check_choice("embedding_lookup", self.embedding_lookup, EMBEDDING_LOOKUPS)
+        for name in ("mixing_head_zero_init", "clip_negative_advantages", "gradient_checkpointing"):
+            _check_bool(name, getattr(self, name))
+        for name in ("start_token", "end_token", "meta_init_string"):
+            _check_text(name, getattr(self, name))
         if self.start_token == self.end_token:
             raise ValueError(f"start_token and end_token must differ, both are {self.start_token!r}")
-        if not self.meta_init_string:
-            raise ValueError("meta_init_string must be a non-empty string")
 
     @property
     def n_ahead(self) -> int:
@@ -210,8 +232,11 @@ class TrainingConfig:
         _check_positive("learning_rate", self.learning_rate)
         _check_positive("weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("adam_eps", self.adam_eps)
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        betas = self.adam_betas
+        if len(betas) != 2 or not all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
         _check_positive("warmup_steps", self.warmup_steps, allow_zero=True, integer=True)
         if self.decay_steps is not None:
             _check_positive("decay_steps", self.decay_steps, integer=True)
@@ -220,6 +245,11 @@ class TrainingConfig:
             _check_positive(name, getattr(self, name), integer=True)
         _check_positive("log_sample_thoughts", self.log_sample_thoughts, allow_zero=True, integer=True)
         _check_positive("max_consecutive_skips", self.max_consecutive_skips, integer=True)
+        _check_positive("seed", self.seed, allow_zero=True, integer=True)
+        if self.seed >= 2**62:
+            raise ValueError(f"seed must be < 2**62, got {self.seed}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (an input and its next token), got {self.seq_len}")
         _check_choice("precision", self.precision, PRECISIONS)
 
     def to_dict(self) -> dict:
@@ -353,10 +383,28 @@ class RunConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
+        """Each field's type and range; the messages name the command-line flags."""
+        for flag, name in (("--model", "model"), ("--data", "data"), ("--text-field", "text_field")):
+            _check_text(flag, getattr(self, name))
+        for flag, name in (("--data-split", "data_split"), ("--output-dir", "output_dir")):
+            _check_text(flag, getattr(self, name))
+        _check_text("--resume", self.resume, optional=True)
+        _check_text("--device", self.device, optional=True)
         _check_choice("--distributed", self.distributed, DISTRIBUTED)
         _check_choice("--fsdp-unit", self.fsdp_unit, FSDP_UNITS)
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.cpu_threads is not None:
+            _check_positive("--cpu-threads", self.cpu_threads, integer=True)
+        if isinstance(self.report_to, str) or not isinstance(self.report_to, list | tuple):
+            raise TypeError(f"--report-to must be a list of names, got {self.report_to!r}")
         for r in self.report_to:
             if r not in REPORTERS:
                 raise ValueError(f"--report-to must name some of {REPORTERS}, got {r!r}")
+        _check_bool("progress", self.progress)
+        _check_bool("plot", self.plot)
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"--device {self.device!r}: not a device ({err})") from None

@@ -37,42 +37,70 @@ DEMO_CORPUS = Path(__file__).resolve().parent / "demo_data" / "arithmetic.txt"
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
 
 
-def read_text_documents(path: Path) -> list[str]:
+def read_utf8(path: Path, arg: str = "--data") -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise a ``ValueError`` naming ``arg``, the
+    file and the line (e.g. a binary file given as data)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{arg} {str(path)!r} line {line}: not UTF-8 text (byte {data[err.start]:#04x} at offset "
+            f"{err.start}); is it a binary file?"
+        ) from None
+
+
+def read_text_documents(path: Path, arg: str = "--data") -> list[str]:
     """The documents of a .txt file: blocks separated by blank lines, stripped, empty ones dropped."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, arg)
     return [doc.strip() for doc in _BLANK_LINES.split(text) if doc.strip()]
 
 
 def read_jsonl_records(path: Path, arg: str = "--data") -> list[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of a .jsonl file; ``arg`` names the
-    command-line argument in the errors (a line that is not JSON, or not a JSON object)."""
+    command-line argument in the errors (bytes that are not UTF-8, a line that is not JSON, or not
+    a JSON object)."""
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{arg} {str(path)!r} line {lineno}: not valid JSON ({err})") from err
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{arg} {str(path)!r} line {lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            records.append((lineno, record))
+    for lineno, line in enumerate(read_utf8(path, arg).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{arg} {str(path)!r} line {lineno}: not valid JSON ({err})") from err
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{arg} {str(path)!r} line {lineno}: expected a JSON object, got {type(record).__name__}"
+            )
+        records.append((lineno, record))
     return records
+
+
+def text_field_value(record: dict, text_field: str, where: str, flag: str = "--text-field") -> str:
+    """``record[text_field]``, which must be a string: a number, null, a list or an object is
+    refused (they would otherwise become documents such as ``"5"`` or ``"None"``). ``where`` starts
+    the error (the argument, the file and the line)."""
+    if text_field not in record:
+        raise ValueError(
+            f"{where}: expected an object with a {text_field!r} field ({flag}), got {sorted(record)}"
+        )
+    value = record[text_field]
+    if not isinstance(value, str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(
+            f"{where}: the {text_field!r} field ({flag}) must be a string, got {type(value).__name__} {shown}"
+        )
+    return value
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
     for lineno, record in read_jsonl_records(path, "--data"):
-        if text_field not in record:
-            raise ValueError(
-                f"--data {str(path)!r} line {lineno}: expected an object with a {text_field!r} "
-                f"field (--text-field), got {sorted(record)}"
-            )
-        if str(record[text_field]).strip():
-            docs.append(str(record[text_field]))
+        text = text_field_value(record, text_field, f"--data {str(path)!r} line {lineno}")
+        if text.strip():
+            docs.append(text)
     return docs
 
 
@@ -98,7 +126,14 @@ def _read_datasets(name: str, split: str, text_field: str) -> list[str]:
         raise ValueError(
             f"--data {name!r}: expected a {text_field!r} column (--text-field), got {ds.column_names}"
         )
-    return [str(t) for t in ds[text_field] if str(t).strip()]
+    texts = ds[text_field]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(
+                f"--data {name!r} row {i}: the {text_field!r} column (--text-field) must hold strings, "
+                f"got {type(t).__name__} {t!r:.60}"
+            )
+    return [t for t in texts if t.strip()]
 
 
 def load_documents(sources: str | os.PathLike | list, *, text_field: str = "text", split: str = "train"):

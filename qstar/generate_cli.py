@@ -7,20 +7,26 @@ thought before every token, and print what the model thought.
 ``--model`` takes what :func:`qstar.loading.load_model` takes. ``--compare`` also generates without
 thoughts (the base model, the same seed); ``--json`` writes every prompt's text, tokens, thoughts
 and mixing weights.
+
+The arguments, the prompts and the ``--json`` path are checked before the model loads; a prompt that
+holds a meta token's text (``<|startthought|>``) is refused (``docs/generation.md``). An error is one
+line on stderr (``QSTAR_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from .cli import ArgumentParser, check_output_file, device_arg, run_cli
+from .data import read_utf8
 from .generation import generate
 from .loading import load_model
 
 
 def parse_args(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qstar-generate",
         description="Generate text with a thought before every token (and, with --compare, without).",
     )
@@ -53,17 +59,32 @@ def main(argv=None) -> list[dict]:
     import sys
 
     args = parse_args(argv)
+    # Everything that can be checked without the model is checked before it loads.
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        path = Path(args.prompt_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--prompt-file {args.prompt_file!r}: no such file")
+        prompts += [
+            line.rstrip("\r") for line in read_utf8(path, "--prompt-file").split("\n") if line.strip()
+        ]
     if not prompts:
-        raise SystemExit("qstar-generate: give --prompt TEXT (repeatable) or --prompt-file FILE")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.json:
+        check_output_file("--json", args.json)
+    device = device_arg(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(args.model, device=device, dtype=dtype, seed=args.seed)
+    max_pos = getattr(model.base_model.config, "max_position_embeddings", None)
+    if max_pos and args.max_new_tokens >= max_pos:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens}: the model has {max_pos} positions "
+            "(max_position_embeddings) for the prompt, the new tokens and a thought together"
+        )
     modes = [False] if args.no_think else ([True, False] if args.compare else [True])
     records = []
     for think in modes:
@@ -107,12 +128,10 @@ def main(argv=None) -> list[dict]:
     return records
 
 
-def cli() -> int:
-    """The ``qstar-generate`` console script."""
-    import sys
-
-    main(sys.argv[1:])
-    return 0
+def cli(argv: list[str] | None = None) -> int:
+    """The ``qstar-generate`` console script: exit status 0 on success; an error is one line on
+    stderr with exit status 2 (bad input) or 1 (anything else), see :mod:`qstar.cli`."""
+    return run_cli("qstar-generate", main, argv)
 
 
 if __name__ == "__main__":

@@ -241,6 +241,22 @@ def _check_model(model) -> None:
         )
 
 
+def _refuse_meta_tokens(model, ids: torch.Tensor, keep: torch.Tensor) -> None:
+    """A prompt may not hold the meta tokens: ``<start>``/``<end>`` mark the model's own thoughts (they
+    enter as the trained meta embeddings, never as text), so in a prompt they would be the untrained
+    vocabulary rows of those ids. A text prompt that spells their text (``<|startthought|>``) encodes
+    to them with the model's tokenizer, and is refused too."""
+    meta = ((ids == model.start_id) | (ids == model.end_id)) & keep
+    if bool(meta.any()):
+        row = int(meta.any(1).nonzero()[0, 0])
+        cfg = model.config
+        raise ValueError(
+            f"prompt {row} contains a meta token ({cfg.start_token!r} id {model.start_id} / "
+            f"{cfg.end_token!r} id {model.end_id}): meta tokens mark the model's own thoughts and cannot "
+            "be part of a prompt; remove that text from the prompt"
+        )
+
+
 class _Decoder:
     """The decode state of one batch: the cache with its text mask, and what each stage needs of the
     model. ``B`` rows; the text of every row ends at the same column (left padding)."""
@@ -258,6 +274,14 @@ class _Decoder:
                 f"the model's sliding_window {window}: generation measures the window over the text and "
                 "thought alike, training over the text only, so they would differ. Shorten the prompt or "
                 "max_new_tokens"
+            )
+        max_pos = getattr(dec_cfg, "max_position_embeddings", None)
+        if max_pos and P + sp.max_new_tokens + branch > max_pos:
+            room = max_pos - P - branch
+            fix = f"at most {room}" if room >= 1 else "a shorter prompt: the prompt alone fills them"
+            raise ValueError(
+                f"max_new_tokens ({sp.max_new_tokens}) + prompt ({P}) + thought ({branch}) tokens exceed the "
+                f"model's {max_pos} positions (max_position_embeddings): give max_new_tokens {fix}"
             )
         self.capacity = P + sp.max_new_tokens + branch
         self.dec_cfg = dec_cfg
@@ -390,6 +414,7 @@ def _start(model, input_ids, attention_mask, sp, generator, tokenizer, decode_st
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     ids, keep = prepare_prompt(model, input_ids, attention_mask, tokenizer)
+    _refuse_meta_tokens(model, ids, keep)
     dec = _Decoder(model, keep, sp)
     transcript = Transcript(ids, keep, tokenizer, sp, model.pad_token_id, decode_steps)
     return ids, transcript, _decode_loop(dec, ids, transcript, generator)
@@ -448,7 +473,10 @@ def generate(
         tokenizer: overrides ``model.tokenizer`` for text prompts, stop strings and decoding.
         progress: show a tqdm bar over the new tokens.
 
-    The meta tokens are never sampled, neither in a thought nor as text.
+    The meta tokens are never sampled, neither in a thought nor as text, and a prompt that holds
+    one (as an id, or as text such as ``"<|startthought|>"`` that the tokenizer encodes to it) is
+    refused with a ``ValueError``. ``max_new_tokens`` plus the prompt and one thought must fit in
+    the model's ``max_position_embeddings``.
     """
     sp = _sampling_params("generate", params, sampling)
     # Per-step decoding only where someone reads it (a callback) or stop strings need it.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from .pretrained import CONFIG_NAME
 
 log = logging.getLogger("qstar.loading")
 
-__all__ = ["build_model", "load_model", "resolve_model_dir"]
+__all__ = ["build_model", "check_model_arg", "load_model", "resolve_model_dir"]
 
 
 def build_model(
@@ -48,15 +49,67 @@ def build_model(
         tokenizer = tiny_tokenizer()
         base = tiny_mistral(len(tokenizer), seed=seed)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not Path(model).exists() and os.environ.get("HF_HUB_OFFLINE"):
-            log.warning("--model %r is not a local directory; offline, only the local cache is read", model)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+        tokenizer, base = _load_hf(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new heads' initialisation does not depend on the caller
         return QuietStarForCausalLM.from_base(base, tokenizer, method)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that cannot be a Hugging Face hub name (``name`` or ``owner/name``): a local path."""
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.endswith("/")
+        or spec.count("/") > 1
+        or (os.sep != "/" and os.sep in spec)
+    )
+
+
+def check_model_arg(model: str) -> Path:
+    """``--model`` of the trainer, checked before any work: ``"tiny"``, an existing directory, or
+    something that can be a Hugging Face hub name (``name`` or ``owner/name``). Returns the path."""
+    path = Path(model).expanduser()
+    if model == "tiny":
+        return path
+    if not path.exists() and _looks_like_path(model):
+        raise ValueError(
+            f"--model {model!r}: no such directory (expected a model directory, a Hugging Face model "
+            "name, or 'tiny')"
+        )
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--model {model!r}: expected a model directory, got a file")
+    return path
+
+
+def _load_hf(model: str):
+    """``(tokenizer, base model)`` of an HF causal LM directory or hub name (float32, SDPA). A path
+    that does not exist, or a name that cannot be loaded, raises one ``ValueError`` line naming
+    ``--model``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_arg(model)
+    if _is_authors_layout(path) or (path / CONFIG_NAME).is_file():
+        log.warning(
+            "--model %r holds trained Quiet-STaR heads; training starts new heads over its base model "
+            "(to continue a run use --resume)",
+            model,
+        )
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE"):
+        log.warning("--model %r is not a local directory; offline, only the local cache is read", model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else model)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(path) if path.exists() else model, dtype=torch.float32, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as err:
+        where = "the directory" if path.exists() else "not a local directory, and the Hugging Face model"
+        raise ValueError(f"--model {model!r}: {where} could not be loaded ({_first_line(err)})") from err
+    return tokenizer, base
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def resolve_model_dir(path: Path) -> Path:
@@ -70,7 +123,9 @@ def resolve_model_dir(path: Path) -> Path:
 
 
 def _tensor_names(directory: Path) -> set[str] | None:
-    """The tensor names of a checkpoint directory without loading it (None: cannot tell)."""
+    """The tensor names of a checkpoint directory without reading its tensors (None: cannot tell):
+    from the shard index, the safetensors headers, or a ``pytorch_model*.bin`` (memory-mapped,
+    ``weights_only=True``: nothing is unpickled but tensors, and no tensor data is read)."""
     names: set[str] = set()
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (directory / index).is_file():
@@ -82,6 +137,20 @@ def _tensor_names(directory: Path) -> set[str] | None:
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 names |= set(st.keys())
+    elif not names:
+        for f in sorted(directory.glob("pytorch_model*.bin")):
+            try:
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # an old (non-zip) .bin cannot be memory-mapped: read it
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise ValueError(
+                    f"{f}: not a plain tensor file; loading it with weights_only=True refused it "
+                    f"({_first_line(err)})"
+                ) from None
+            if isinstance(state, dict):
+                names |= set(state)
     return names or None
 
 
@@ -128,19 +197,24 @@ def load_model(
         model = QuietStarForCausalLM.from_pretrained(path)
     elif _is_authors_layout(path):
         model = QuietStarForCausalLM.from_authors_checkpoint(path, tokenizer=tok, dtype=dtype)
-    else:
-        log.warning(
-            "--model %r has no Quiet-STaR heads: evaluating it with a zero mixing head (with thoughts "
-            "= without)",
-            spec,
+    elif not path.exists() and _looks_like_path(spec):
+        raise ValueError(
+            f"--model {spec!r}: not 'tiny', and no such directory (expected a save_pretrained, checkpoint "
+            "or output directory, the authors' checkpoint, or a Hugging Face model name)"
         )
+    else:
         try:
             model = build_model(spec, get_preset("default").method, seed)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"--model {spec!r}: not 'tiny', not a Quiet-STaR or authors' checkpoint directory, and "
-                f"loading it as a Hugging Face causal LM failed ({type(err).__name__}: {err})"
+                f"loading it as a Hugging Face causal LM failed ({_first_line(err)})"
             ) from err
+        log.warning(
+            "--model %r has no Quiet-STaR heads: evaluating it with a zero mixing head (with thoughts "
+            "= without)",
+            spec,
+        )
     if tok is not None:
         model.tokenizer = tok
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

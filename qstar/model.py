@@ -332,6 +332,8 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
         if input_ids.device != device:
             raise ValueError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
         B, L = input_ids.shape
+        if B == 0:
+            raise ValueError(f"input_ids must hold at least one sequence (B >= 1), got shape {(B, L)}")
         if L < n_talk + 2:
             raise ValueError(
                 f"input_ids must have at least n_talk_tokens + 2 = {n_talk + 2} positions (a reward needs a "

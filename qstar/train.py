@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -40,10 +41,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_trainer_state, read_trainer_state, resolve_checkpoint, rng_state, save_checkpoint
+from .cli import ArgumentParser, run_cli
 from .config import (
     DISTRIBUTED,
     FSDP_UNITS,
     PRECISIONS,
+    PRESETS,
     QuietStarConfig,
     RunConfig,
     TrainingConfig,
@@ -53,7 +56,7 @@ from .data import DEMO_CORPUS, GlobalBatchSampler
 from .distributed import Dist, gradient_sync, meta_copy, setup_distributed, unwrap, wrap_model
 from .faults import fault_point
 from .interrupt import StopOnSignal
-from .loading import build_model
+from .loading import build_model, check_model_arg
 from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics, replace_atomic
 from .objective import Objective, QuietStarObjective, non_finite
 from .run_dir import claim_output_dir
@@ -356,10 +359,10 @@ OVERRIDES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qstar-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--preset", default="default", help="paper | default | tiny-demo (default: default)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="default: default")
     p.add_argument("--model", default=None, help="HF model path/directory, or 'tiny' (tiny-demo's default)")
     p.add_argument("--data", default=None, help=".txt/.jsonl files or directories (comma-separated), or a "
                    "datasets name; default: the shipped arithmetic corpus")  # fmt: skip
@@ -388,7 +391,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]:
+    """The three configs of parsed ``args``: the preset, with the given flags on top. Every value
+    is checked here (by the configs' ``validate``); an error names the flag."""
     preset = get_preset(args.preset)
     method, training = preset.method, preset.training
     changes = {"method": {}, "training": {}}
@@ -398,12 +407,25 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
             changes[which][fld] = value
     if args.gradient_checkpointing:
         changes["method"]["gradient_checkpointing"] = True
-    method = dataclasses.replace(method, **changes["method"])  # validates
-    training = dataclasses.replace(training, **changes["training"])
+    flags = {fld: _flag(name) for name, (_, fld, _) in OVERRIDES.items()}
+    try:
+        method = dataclasses.replace(method, **changes["method"])  # validates
+        training = dataclasses.replace(training, **changes["training"])
+    except (TypeError, ValueError) as err:  # "learning_rate must be ..." -> "--lr: learning_rate must be ..."
+        field_name = str(err).split(" ", 1)[0]
+        if field_name in flags and field_name in {**changes["method"], **changes["training"]}:
+            raise type(err)(f"{flags[field_name]}: {err}") from None
+        raise
+    if training.seq_len < method.n_talk_tokens + 2:
+        raise ValueError(
+            f"--seq-len ({training.seq_len}) must be at least --n-talk-tokens + 2 "
+            f"({method.n_talk_tokens} + 2): a reward needs a full talk window"
+        )
     if args.model is None and args.preset != "tiny-demo" and args.resume is None:
         raise ValueError(
             f"--model is required with --preset {args.preset} (an HF path or directory, or 'tiny')"
         )
+    tiny_threads = 1 if args.preset == "tiny-demo" else None
     run = RunConfig(
         model=args.model or "tiny",
         data=args.data or str(DEMO_CORPUS),
@@ -415,19 +437,60 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
         fsdp_unit=args.fsdp_unit,
         report_to=[r.strip() for r in args.report_to.split(",") if r.strip()],
         device=args.device,
-        cpu_threads=args.cpu_threads or (1 if args.preset == "tiny-demo" else None),
+        cpu_threads=args.cpu_threads if args.cpu_threads is not None else tiny_threads,
         progress=not args.no_progress,
         plot=not args.no_plot,
         overwrite=args.overwrite,
     )
     run.validate()
+    if run.resume is None:
+        check_model_arg(run.model)  # a missing directory fails here, before the output dir is made
     return method, training, run
+
+
+#: the configs a checkpoint keeps as JSON beside its trainer state (``<name>_config.json``).
+CONFIG_FILES = ("training", "method", "run")
+
+
+def resume_overrides(args, run: RunConfig) -> list[str]:
+    """On ``--resume``: one warning per given flag that the checkpoint's saved configuration
+    overrides (every ``TrainingConfig`` and ``QuietStarConfig`` flag but ``--max-steps``, and
+    ``--model``: the weights come from the checkpoint). Reads the checkpoint's
+    ``{training,method,run}_config.json`` (JSON only); empty when they cannot be found (the resume
+    itself then reports what is wrong)."""
+    path = Path(run.output_dir) if run.resume == "latest" else Path(run.resume)
+    try:
+        if (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        saved = {which: json.loads((path / f"{which}_config.json").read_text()) for which in CONFIG_FILES}
+    except (OSError, ValueError):
+        return []
+    given = {name: (which, fld, getattr(args, name)) for name, (which, fld, _) in OVERRIDES.items()}
+    given.pop("max_steps")
+    if args.gradient_checkpointing:
+        given["gradient_checkpointing"] = ("method", "gradient_checkpointing", True)
+    if args.model is not None:
+        given["model"] = ("run", "model", args.model)
+    lines = []
+    for name, (which, fld, value) in given.items():
+        if value is None or fld not in saved[which]:
+            continue
+        old = saved[which][fld]
+        if value != old:
+            lines.append(
+                f"{_flag(name)} {value!r} is ignored: resuming from {path} uses the checkpoint's "
+                f"{fld} = {old!r}"
+            )
+    return lines
 
 
 def main(argv=None) -> TrainResult:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     method, training, run = configs_from_args(args)
+    if run.resume is not None:
+        for line in resume_overrides(args, run):
+            log.warning("%s", line)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
         return train(method, training, run)
@@ -436,10 +499,10 @@ def main(argv=None) -> TrainResult:
             torch.distributed.destroy_process_group()
 
 
-def cli() -> int:
-    """The ``qstar-train`` console script: exit status 0 on success (``main`` returns the result)."""
-    main(sys.argv[1:])
-    return 0
+def cli(argv: list[str] | None = None) -> int:
+    """The ``qstar-train`` console script: exit status 0 on success; an error is one line on stderr
+    with exit status 2 (bad input) or 1 (anything else), see :mod:`qstar.cli`."""
+    return run_cli("qstar-train", main, argv)
 
 
 if __name__ == "__main__":

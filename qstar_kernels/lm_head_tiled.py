@@ -27,7 +27,7 @@ import torch
 
 from .backends.lm_head.base import LMHeadPasses, dtypes
 
-__all__ = ["mixed_forward", "mixed_backward", "sample_forward", "sample_backward"]
+__all__ = ["first_allowed_id", "mixed_forward", "mixed_backward", "sample_forward", "sample_backward"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +135,21 @@ def sample_forward(h, weight, banned, temperature: float, logprob_temperature: f
     tokens, lse = passes.sample_pass(h_acc.to(gemm).contiguous(), weight_g, banned, inv_t, lp_scale, seed)
     z_tok = (h_acc * weight_g.index_select(0, tokens).to(acc)).sum(-1)
     logp = (z_tok * lp_scale - lse).clamp_max(0.0)
+    # A row whose logits hold a NaN (or +inf, or no finite value) has no maximum: the passes' running
+    # max never moves and would hand back their start id, banned or not. Such a row's logp is NaN;
+    # it gets the smallest allowed id instead (the reference does the same), and keeps logp NaN.
+    tokens = torch.where(torch.isnan(logp), first_allowed_id(banned, tokens.device), tokens)
     return tokens, logp, lse
+
+
+def first_allowed_id(banned: torch.Tensor | None, device) -> torch.Tensor:
+    """The smallest id not in ``banned`` (sorted, unique, non-negative ids, or None), as a 0-d int64
+    tensor on ``device``: the length of the prefix of ``banned`` that equals ``0, 1, 2, ...``
+    (computed on the device: no synchronisation)."""
+    if banned is None or not banned.numel():
+        return torch.zeros((), dtype=torch.int64, device=device)
+    banned = banned.to(device)
+    return (banned == torch.arange(banned.numel(), device=device)).sum()
 
 
 def sample_backward(grad_logp, h, weight, banned, tokens, lse, logprob_temperature: float, passes, needs):

@@ -111,7 +111,9 @@ def sample_thought_tokens(
         ``(tokens, logp)``: ``tokens`` ``(N,)`` int64, exact Gumbel-max samples (not
         differentiable); ``logp`` ``(N,)`` float32 (float64 for float64 inputs)
         ``= log_softmax(z / logprob_temperature)[tokens]`` with banned ids excluded,
-        differentiable in ``h`` and ``weight`` (first order on the fused backends).
+        differentiable in ``h`` and ``weight`` (first order on the fused backends). A row whose
+        logits hold a NaN (or +inf, or no finite value) has ``logp`` NaN and the smallest id that
+        is not banned as its token, on every backend: a banned id is never returned.
     """
     banned, temperature, logprob_temperature = _validate(
         h, weight, banned_ids, temperature, logprob_temperature, generator, backend

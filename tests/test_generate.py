@@ -368,7 +368,7 @@ def test_generate_cli_writes_texts_and_thoughts(tmp_path, capsys):
     assert len(records[0]["thoughts"]) == len(records[0]["mixing_weights"]) == 3
     printed = capsys.readouterr().out
     assert "[with thoughts] 'Q: 1+2='" in printed and "thought:" in printed
-    with pytest.raises(SystemExit, match="--prompt"):
+    with pytest.raises(ValueError, match="--prompt"):  # qstar-generate: one line, exit status 2
         main(["--model", "tiny"])
 
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import math
 import time
 from pathlib import Path
 
 import torch
 
+from ..cli import ArgumentParser, check_output_dir, device_arg, run_cli
 from ..loading import load_model
 from .cot import __doc__ as _cot_doc
 from .cot import evaluate_cot
@@ -73,7 +74,7 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qstar-eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", required=True, help="a save_pretrained / checkpoint / output directory, the "
@@ -129,10 +130,14 @@ def _check_args(args) -> list[str]:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_length < 3:
         raise ValueError(f"--max-length must be >= 3, got {args.max_length}")
-    if args.cot_temperature < 0:
-        raise ValueError(f"--cot-temperature must be >= 0, got {args.cot_temperature}")
-    if args.thought_temperature is not None and args.thought_temperature < 0:
-        raise ValueError(f"--thought-temperature must be >= 0, got {args.thought_temperature}")
+    if not (math.isfinite(args.cot_temperature) and args.cot_temperature >= 0):
+        raise ValueError(f"--cot-temperature must be a finite number >= 0, got {args.cot_temperature}")
+    t = args.thought_temperature
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"--thought-temperature must be a finite number >= 0, got {t}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise ValueError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+    check_output_dir("--output-dir", args.output_dir)
     return list(dict.fromkeys(tasks))
 
 
@@ -151,7 +156,7 @@ def run(args) -> dict:
     digit_ids = _int_list(args.digit_ids, "--digit-ids")
     letter_ids = _int_list(args.letter_ids, "--letter-ids")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_arg(args.device)
     if args.cpu_threads is not None and device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
@@ -266,7 +271,7 @@ def main(argv=None) -> dict:
     return run(parse_args(argv))
 
 
-def cli() -> int:
-    """The ``qstar-eval`` console script: exit status 0 on success."""
-    main(sys.argv[1:])
-    return 0
+def cli(argv: list[str] | None = None) -> int:
+    """The ``qstar-eval`` console script: exit status 0 on success; an error is one line on stderr
+    with exit status 2 (bad input) or 1 (anything else), see :mod:`qstar.cli`."""
+    return run_cli("qstar-eval", main, argv)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import read_jsonl_records, read_text_documents
+from ..data import read_jsonl_records, read_text_documents, text_field_value
 
 #: the answer marker of the zero-shot direct prompts; the last one in a prompt is the answer's.
 ANSWER_MARKER = "\nA:"
@@ -127,13 +127,15 @@ def load_texts(source: str, *, text_field: str = "text", arg: str = "--text") ->
     if not path.is_file():
         raise ValueError(f"{arg} {source!r}: no such file")
     if path.suffix == ".txt":
-        docs = read_text_documents(path)
+        docs = read_text_documents(path, arg)
     elif path.suffix == ".jsonl":
         docs = []
-        for k, r in enumerate(_read_jsonl(path, arg)):
-            _need(f"{arg} {source!r} record {k + 1}", r, (text_field,))
-            if str(r[text_field]).strip():
-                docs.append(str(r[text_field]))
+        for lineno, r in read_jsonl_records(path, arg):
+            where = f"{arg} {source!r} line {lineno}"
+            _need(where, r, (text_field,))
+            text = text_field_value(r, text_field, where)
+            if text.strip():
+                docs.append(text)
     else:
         raise ValueError(f"{arg} {source!r}: expected a .txt or .jsonl file, got {path.suffix!r}")
     if not docs:

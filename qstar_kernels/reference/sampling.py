@@ -116,4 +116,10 @@ def sample_thought_tokens_reference(
         else:
             tokens = (z / temperature + gumbel_noise.to(z.device, dtype)).argmax(dim=-1)
     logp = torch.log_softmax(z / logprob_temperature, dim=-1).gather(1, tokens[:, None])[:, 0]
+    # A row with a NaN (or +inf, or no finite logit) has no maximum, and argmax could name a banned
+    # id: its logp is NaN, and its token is the smallest id that is not banned, on every backend.
+    allowed = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
+    if banned_ids is not None:
+        allowed[banned] = False
+    tokens = torch.where(torch.isnan(logp.detach()), allowed.int().argmax(), tokens)
     return tokens, logp
