@@ -39,7 +39,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_trainer_state, read_trainer_state, resolve_checkpoint, rng_state, save_checkpoint
+from .checkpoint import (
+    adopt_checkpoint,
+    load_trainer_state,
+    read_trainer_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from .config import (
     DISTRIBUTED,
     FSDP_UNITS,
@@ -146,7 +153,7 @@ def train(
     objective = objective if objective is not None else QuietStarObjective()
     dist = _setup(run)
     out = Path(run.output_dir)
-    checkpoint = resolve_checkpoint(run.resume, run.output_dir) if run.resume else None
+    checkpoint = resolve_checkpoint(run.resume, run.output_dir, dist) if run.resume else None  # verified
     if checkpoint is not None:  # the checkpoint's configs win; only max_steps may change
         saved = read_trainer_state(checkpoint)
         max_steps = training.max_steps
@@ -188,6 +195,7 @@ def train(
         sampler.load_state_dict(state["sampler"])
         if dist.is_main:
             log.info("resumed from %s at step %d", checkpoint, step)
+            adopt_checkpoint(out, checkpoint)  # 'latest' names the checkpoint resumed from
 
     config_dump = {"method": method.to_dict(), "training": training.to_dict(), "run": dataclasses.asdict(run)}
     fields = csv_fields(objective.stat_names)
