@@ -327,6 +327,9 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         text = e.strerror or os.strerror(e.errno)
         return f"{text} ({e.filename})" if e.filename else text
+    code = re.search(r"os error (\d+)", str(e))  # safetensors' (Rust) I/O errors
+    if code:
+        return os.strerror(int(code.group(1)))
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
@@ -460,7 +463,8 @@ def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: D
         error = CheckpointWriteError(
             f"could not write checkpoint {final}: {_describe(failure)}; temporary files removed; {last}"
         )
-        error.errno = getattr(failure, "errno", None)
+        code = re.search(r"os error (\d+)", str(failure))
+        error.errno = getattr(failure, "errno", None) or (int(code.group(1)) if code else None)
         raise error from failure
     return final
 
@@ -471,22 +475,26 @@ def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: D
 
 
 def _finish_interrupted_swap(out: Path) -> None:
-    """A crash between setting an old ``checkpoint-<s>`` aside and renaming its complete replacement
-    into place: finish the job (the replacement is verified first)."""
+    """A crash while ``.old-checkpoint-<s>`` was set aside (see :func:`_commit`): finish the job.
+    The replacement (verified first) is renamed into place if it is not yet, and ``latest`` names it
+    unless it names a later checkpoint; then the old one is deleted."""
     for old in sorted(out.glob(".old-checkpoint-*")):
-        final = out / old.name.removeprefix(".old-")
-        tmp = out / f".tmp-{final.name}"
-        if not final.exists() and tmp.is_dir():
-            try:
-                verify_checkpoint(tmp)
-            except CheckpointError:
-                continue
+        final, name = out / old.name.removeprefix(".old-"), _NAME.fullmatch(old.name.removeprefix(".old-"))
+        if name is None:
+            continue
+        tmp, step = out / f".tmp-{final.name}", int(name.group(1))
+        try:
+            verify_checkpoint(final if final.exists() else tmp)
+        except CheckpointError:
+            continue
+        if not final.exists():
             os.replace(tmp, final)
             _fsync(out)
+        latest = _latest_name(out)
+        if latest is None or int(_NAME.fullmatch(latest).group(1)) < step:
             write_atomic(out / "latest", final.name + "\n")
             log.warning("finished replacing %s, which a crash interrupted; 'latest' names it", final)
-        if final.exists():
-            _remove(old)
+        _remove(old)
 
 
 def _resolve_latest(out: Path, resume: str) -> Path:
@@ -522,6 +530,8 @@ def _resolve_latest(out: Path, resume: str) -> Path:
 
 
 def _resolve(resume: str, output_dir: str) -> Path:
+    if Path(output_dir).is_dir():
+        _finish_interrupted_swap(Path(output_dir))
     path = Path(output_dir) if resume == "latest" else Path(resume)
     if resume == "latest" or (path / "latest").is_file() or _checkpoints(path):
         return _resolve_latest(path, resume)
