@@ -45,21 +45,10 @@ from .distributed import Dist, unwrap
 log = logging.getLogger("qstar.train")
 
 __all__ = [
-    "CheckpointError",
-    "CheckpointWriteError",
-    "FORMAT_VERSION",
-    "adopt_checkpoint",
-    "load_state",
-    "load_trainer_state",
-    "read_trainer_state",
-    "resolve_checkpoint",
-    "rng_state",
-    "save_checkpoint",
-    "save_state",
-    "set_rng_state",
-    "verify_checkpoint",
-    "write_atomic",
-]
+    "CheckpointError", "CheckpointWriteError", "FORMAT_VERSION", "adopt_checkpoint", "load_state",
+    "load_trainer_state", "read_trainer_state", "resolve_checkpoint", "rng_state", "save_checkpoint",
+    "save_state", "set_rng_state", "verify_checkpoint", "write_atomic", "write_manifest",
+]  # fmt: skip
 
 #: 1: ``trainer_state.pt`` / ``rng_state_<rank>.pt`` (pickles), no manifest: refused.
 FORMAT_VERSION = 2
@@ -497,10 +486,13 @@ def _finish_interrupted_swap(out: Path) -> None:
         _remove(old)
 
 
+def _not_a_checkpoint(resume: str, path: Path) -> ValueError:
+    return ValueError(f"--resume {resume!r}: expected a checkpoint directory (with {MANIFEST}) or an output "
+                      f"directory with a 'latest' file, got {str(path)!r}")  # fmt: skip
+
+
 def _resolve_latest(out: Path, resume: str) -> Path:
     """``latest``'s checkpoint if it verifies, else the newest checkpoint that does (with a warning)."""
-    if out.is_dir():
-        _finish_interrupted_swap(out)
     named = _latest_name(out)
     if named is not None and (out / named).is_dir():
         try:
@@ -514,10 +506,7 @@ def _resolve_latest(out: Path, resume: str) -> Path:
         reason = f"{out} has no 'latest' file"
     candidates = [c for _, c in _checkpoints(out) if c.name != named]
     if named is None and not candidates:
-        raise ValueError(
-            f"--resume {resume!r}: expected a checkpoint directory (with {MANIFEST}) or an output "
-            f"directory with a 'latest' file, got {str(out)!r}"
-        )
+        raise _not_a_checkpoint(resume, out)
     for c in candidates:
         try:
             verify_checkpoint(c)
@@ -536,10 +525,7 @@ def _resolve(resume: str, output_dir: str) -> Path:
     if resume == "latest" or (path / "latest").is_file() or _checkpoints(path):
         return _resolve_latest(path, resume)
     if not ((path / MANIFEST).is_file() or (path / "trainer_state.pt").is_file()):
-        raise ValueError(
-            f"--resume {resume!r}: expected a checkpoint directory (with {MANIFEST}) or an output "
-            f"directory with a 'latest' file, got {str(path)!r}"
-        )
+        raise _not_a_checkpoint(resume, path)
     verify_checkpoint(path)
     return path
 
