@@ -39,14 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    adopt_checkpoint,
-    load_trainer_state,
-    read_trainer_state,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-)
+from . import checkpoint as ckpt
+from .checkpoint import load_trainer_state, read_trainer_state, resolve_checkpoint, rng_state, save_checkpoint
 from .config import (
     DISTRIBUTED,
     FSDP_UNITS,
@@ -195,7 +189,7 @@ def train(
         sampler.load_state_dict(state["sampler"])
         if dist.is_main:
             log.info("resumed from %s at step %d", checkpoint, step)
-            adopt_checkpoint(out, checkpoint)  # 'latest' names the checkpoint resumed from
+            ckpt.adopt_checkpoint(out, checkpoint)  # 'latest' names the checkpoint resumed from
 
     config_dump = {"method": method.to_dict(), "training": training.to_dict(), "run": dataclasses.asdict(run)}
     fields = csv_fields(objective.stat_names)
