@@ -40,7 +40,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_trainer_state, read_trainer_state, resolve_checkpoint, rng_state, save_checkpoint
+from .checkpoint import (
+    adopt_checkpoint,
+    load_trainer_state,
+    read_trainer_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from .cli import ArgumentParser, run_cli
 from .config import (
     DISTRIBUTED,
@@ -57,7 +64,7 @@ from .distributed import Dist, gradient_sync, meta_copy, setup_distributed, unwr
 from .faults import fault_point
 from .interrupt import StopOnSignal
 from .loading import build_model, check_model_arg
-from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics, replace_atomic
+from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics
 from .objective import Objective, QuietStarObjective, non_finite
 from .run_dir import claim_output_dir
 
@@ -163,7 +170,7 @@ def _train(
     method: QuietStarConfig, training: TrainingConfig, run: RunConfig, objective: Objective, dist: Dist, stop
 ) -> TrainResult:
     out = Path(run.output_dir)
-    checkpoint = resolve_checkpoint(run.resume, run.output_dir) if run.resume else None
+    checkpoint = resolve_checkpoint(run.resume, run.output_dir, dist) if run.resume else None  # verified
     if checkpoint is not None:  # the checkpoint's configs win; only max_steps may change
         saved = read_trainer_state(checkpoint)
         max_steps = training.max_steps
@@ -202,13 +209,12 @@ def _train(
         sampler.load_state_dict(state["sampler"])
         if dist.is_main:
             log.info("resumed from %s at step %d", checkpoint, step)
+            # A rollback: 'latest' names the checkpoint resumed from before the logs are cut back to
+            # it, so a crash never leaves 'latest' at a later step than the logs.
+            adopt_checkpoint(out, checkpoint)
 
     config_dump = {"method": method.to_dict(), "training": training.to_dict(), "run": dataclasses.asdict(run)}
     fields = csv_fields(objective.stat_names)
-    if dist.is_main and checkpoint is not None and checkpoint.resolve().parent == out.resolve():
-        # A rollback: `latest` names the resumed checkpoint before the logs are cut back to it, so
-        # a crash never leaves `latest` at a later step than the logs.
-        replace_atomic(out / "latest", f"{checkpoint.name}\n".encode(), fault=None)
     writer = (
         MetricsWriter(out, step, run.report_to, config_dump, fields, objective.samples_file)
         if dist.is_main

@@ -1,5 +1,6 @@
-"""qstar.checkpoint: RNG state round trips, atomic writes, finding a checkpoint, and a saved trainer
-state that loads back into a fresh optimizer and scheduler."""
+"""qstar.checkpoint: RNG state round trips (also through a state file), atomic writes, finding a
+checkpoint, and a saved trainer state that loads back into a fresh optimizer and scheduler.
+(Integrity, refusals and failures: test_checkpoint_safety.py.)"""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import torch
 pytest.importorskip("transformers")
 
 from qstar.checkpoint import (  # noqa: E402
+    load_state,
     load_trainer_state,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
+    save_state,
     set_rng_state,
     write_atomic,
+    write_manifest,
 )
 from qstar.config import QuietStarConfig  # noqa: E402
 from qstar.distributed import Dist  # noqa: E402
@@ -38,6 +42,23 @@ def test_rng_state_round_trip():
     assert first[0] == again[0] and torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
 
 
+def test_state_file_round_trip_is_exact(tmp_path):
+    """A state file (safetensors + JSON, no pickle) gives back tuples, None, floats and tensors exactly,
+    and an RNG state restored from it draws the same numbers."""
+    g = torch.Generator().manual_seed(7)
+    random.seed(1)
+    random.gauss(0, 1)  # a pending gauss_next float in Python's state
+    state = {"rng": rng_state(g), "x": (0.1, None, [1, 2.5e-300, "s"]), "t": torch.tensor(3.0)}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["x"] == state["x"] and isinstance(back["x"], tuple) and torch.equal(back["t"], state["t"])
+    assert back["rng"]["python"] == state["rng"]["python"]
+    first = draws(g)
+    set_rng_state(back["rng"], g)
+    again = draws(g)
+    assert first[0] == again[0] and torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
+
+
 def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
     write_atomic(tmp_path / "latest", "checkpoint-1\n")
     write_atomic(tmp_path / "latest", "checkpoint-2\n")
@@ -48,7 +69,8 @@ def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
 def test_resolve_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
-    (ckpt / "trainer_state.pt").write_bytes(b"")
+    (ckpt / "trainer_state.safetensors").write_bytes(b"x")
+    write_manifest(ckpt, 4)
     (tmp_path / "latest").write_text("checkpoint-4\n")
     assert resolve_checkpoint("latest", str(tmp_path)) == ckpt
     assert resolve_checkpoint(str(tmp_path), "elsewhere") == ckpt
@@ -72,14 +94,15 @@ def test_saved_state_loads_into_a_fresh_optimizer(tmp_path):
     scheduler.step()
     g = torch.Generator().manual_seed(3)
     state = {"step": 1, "skipped_total": 0, "scheduler": scheduler.state_dict(), "rng": rng_state(g)}
-    state.update(training={"seed": 0}, method={}, run={})
+    state.update(sampler={}, training={"seed": 0}, method={}, run={})
     final = save_checkpoint(tmp_path, 1, state, model, optimizer, dist, None)
     assert final == tmp_path / "checkpoint-1" and (tmp_path / "latest").read_text() == "checkpoint-1\n"
     assert {p.name for p in final.iterdir()} >= {
         "model",
-        "trainer_state.pt",
-        "rng_state_0.pt",
+        "trainer_state.safetensors",
+        "rng_state_0.safetensors",
         "run_config.json",
+        "manifest.json",
     }
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
     after = torch.rand(2, generator=g)

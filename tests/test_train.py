@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 import qstar.train as T  # noqa: E402
+from qstar.checkpoint import load_state, read_trainer_state  # noqa: E402
 from qstar.config import RunConfig, get_preset  # noqa: E402
 from qstar.metrics import read_metrics  # noqa: E402
 from qstar.model import QuietStarForCausalLM as MODEL  # noqa: E402
@@ -66,10 +67,10 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
         "checkpoint-1" in names and "checkpoint-2" in names and not any(n.startswith(".tmp") for n in names)
     )
     ckpt = tmp_path / "checkpoint-2"
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state = read_trainer_state(ckpt)
     assert state["step"] == 2 and state["sampler"]["position"] == 8
     assert {"optimizer", "scheduler", "training", "method", "run"} <= state.keys()
-    assert {"python", "torch", "sampling"} <= torch.load(ckpt / "rng_state_0.pt", weights_only=False).keys()
+    assert {"python", "torch", "sampling"} <= load_state(ckpt / "rng_state_0.safetensors").keys()
     assert (ckpt / "training_config.json").is_file() and (ckpt / "model").is_dir()
 
 
@@ -98,8 +99,8 @@ def test_nan_guard_skips_the_step_and_training_continues(tmp_path, monkeypatch, 
     assert all(torch.equal(p1[k], p2[k]) for k in p1), "a skipped step changed the parameters"
     assert any(not torch.equal(p2[k], p3[k]) for k in p2), "training did not go on after the skip"
     assert all(math.isfinite(v) for k in p3 for v in p3[k].flatten()[:1].tolist())
-    opt1 = torch.load(tmp_path / "checkpoint-1" / "trainer_state.pt", weights_only=False)["optimizer"]
-    opt2 = torch.load(tmp_path / "checkpoint-2" / "trainer_state.pt", weights_only=False)["optimizer"]
+    opt1 = read_trainer_state(tmp_path / "checkpoint-1")["optimizer"]
+    opt2 = read_trainer_state(tmp_path / "checkpoint-2")["optimizer"]
     for k, s in opt1["state"].items():
         assert torch.equal(s["exp_avg"], opt2["state"][k]["exp_avg"]), "the skipped step moved Adam's state"
     rows = read_metrics(tmp_path / "metrics.csv")
@@ -160,7 +161,7 @@ def test_bf16_precisions_train(tmp_path, precision):
     method = dataclasses.replace(method, gradient_checkpointing=True)
     result = T.train(method, training, run)
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in result.history)
-    state = torch.load(result.checkpoint / "trainer_state.pt", weights_only=False)
+    state = read_trainer_state(result.checkpoint)
     want = torch.bfloat16 if precision == "bf16" else torch.float32
     assert {s["exp_avg"].dtype for s in state["optimizer"]["state"].values()} == {want}
     saved = params(result.checkpoint / "model")

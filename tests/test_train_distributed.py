@@ -27,6 +27,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from qstar.checkpoint import read_trainer_state, verify_checkpoint  # noqa: E402
 from qstar.loading import build_model  # noqa: E402
 from qstar.metrics import read_metrics  # noqa: E402
 from qstar.model import QuietStarForCausalLM  # noqa: E402
@@ -85,11 +86,12 @@ def test_two_processes_match_one_and_train(mode, tmp_path, reference):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert (run / "latest").read_text().strip() == "checkpoint-3"
-    assert sorted(p.name for p in (run / "checkpoint-3").glob("rng_state_*.pt")) == [
-        "rng_state_0.pt",
-        "rng_state_1.pt",
+    assert sorted(p.name for p in (run / "checkpoint-3").glob("rng_state_*")) == [
+        "rng_state_0.safetensors",
+        "rng_state_1.safetensors",
     ]
-    state = torch.load(run / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    verify_checkpoint(run / "checkpoint-3")
+    state = read_trainer_state(run / "checkpoint-3")
     assert state["step"] == 3 and state["world_size"] == 2 and state["sampler"]["position"] == 12
     model = QuietStarForCausalLM.from_pretrained(run / "checkpoint-3" / "model")
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
