@@ -35,12 +35,12 @@ import logging
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from .distributed import Dist, unwrap
+from .durable import fsync, remove, write_atomic
 from .faults import fault_point
 
 log = logging.getLogger("qstar.train")
@@ -139,7 +139,7 @@ def save_state(path: Path, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_pack(state, tensors, path.name))
     save_file(tensors, str(path), metadata={_STATE_KEY: skeleton})
-    _fsync(path)
+    fsync(path)
 
 
 def load_state(path: Path) -> dict:
@@ -164,45 +164,8 @@ def load_state(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Files on disk: fsync, atomic text, the manifest
+# The manifest
 # --------------------------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file or a directory) to the disk."""
-    is_dir = path.is_dir()
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
-    except OSError:
-        if is_dir:  # platforms that cannot open a directory
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path``, fsync it, rename it into place and fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -237,7 +200,7 @@ def write_manifest(directory: Path, step: int) -> None:
     files = {}
     for rel in _listing(directory):
         p = directory / rel
-        _fsync(p)
+        fsync(p)
         files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     body = {"format_version": FORMAT_VERSION, "step": step, "files": files}
     body["checksum"] = _checksum(body)
@@ -246,7 +209,7 @@ def write_manifest(directory: Path, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     for root, _, _ in sorted(os.walk(directory), reverse=True):  # the deepest first
-        _fsync(Path(root))
+        fsync(Path(root))
 
 
 def verify_checkpoint(directory: Path) -> dict:
@@ -379,7 +342,7 @@ def _point_latest_away(out: Path, final: Path) -> None:
             write_atomic(out / "latest", c.name + "\n")
             return
     (out / "latest").unlink(missing_ok=True)
-    _fsync(out)
+    fsync(out)
 
 
 def _commit(out: Path, tmp: Path, final: Path) -> None:
@@ -387,7 +350,7 @@ def _commit(out: Path, tmp: Path, final: Path) -> None:
     aside first and deleted last."""
     fault_point("checkpoint-write")  # the complete temporary checkpoint, not yet in place
     old = out / f".old-{final.name}"
-    _remove(old)
+    remove(old)
     if final.exists():  # a rollback-resume reached this step again
         if _latest_name(out) == final.name:
             _point_latest_away(out, final)
@@ -398,11 +361,11 @@ def _commit(out: Path, tmp: Path, final: Path) -> None:
         if old.exists() and not final.exists():
             os.replace(old, final)  # put the old one back
         raise
-    _fsync(out)
+    fsync(out)
     write_atomic(out / "latest", final.name + "\n")
     if old.exists():
         fault_point("checkpoint-delete")  # the replaced checkpoint, set aside, about to go
-    _remove(old)
+    remove(old)
 
 
 def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: Dist, export_template) -> Path:
@@ -420,7 +383,7 @@ def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: D
     try:
         if dist.is_main:
             try:
-                _remove(tmp)
+                remove(tmp)
                 tmp.mkdir(parents=True)
             except Exception as e:
                 failure = e
@@ -440,7 +403,7 @@ def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: D
                 failure = e
     except BaseException:  # interrupted: leave no temporary directory behind
         if dist.is_main:
-            _remove(tmp)
+            remove(tmp)
         raise
     if failure is None and dist.is_main:
         try:
@@ -450,7 +413,7 @@ def save_checkpoint(out: Path, step: int, state: dict, model, optimizer, dist: D
     failure = _agree(dist, failure)
     if failure is not None:
         if dist.is_main:
-            _remove(tmp)
+            remove(tmp)
         last = _latest_name(out)
         last = f"the last good checkpoint is {out / last} ('latest')" if last else "no earlier checkpoint"
         error = CheckpointWriteError(
@@ -482,12 +445,12 @@ def _finish_interrupted_swap(out: Path) -> None:
             continue
         if not final.exists():
             os.replace(tmp, final)
-            _fsync(out)
+            fsync(out)
         latest = _latest_name(out)
         if latest is None or int(_NAME.fullmatch(latest).group(1)) < step:
             write_atomic(out / "latest", final.name + "\n")
             log.warning("finished replacing %s, which a crash interrupted; 'latest' names it", final)
-        _remove(old)
+        remove(old)
 
 
 def _not_a_checkpoint(resume: str, path: Path) -> ValueError:

@@ -10,7 +10,7 @@ The columns are the objective's (``step``, ``lr``, its statistics, then ``grad_n
 Crash safety: ``metrics.csv`` and the samples file (``thoughts.txt``) are only ever appended to, a
 whole record per write, flushed to disk (fsync) before the loop goes on. When a run starts (fresh or
 resumed at step s) each is cut back to its records up to step s: the kept prefix is written to a
-temporary file, fsynced and renamed over the old one (:func:`replace_atomic`), so a crash at any
+temporary file, fsynced and renamed over the old one (:func:`qstar.durable.write_atomic`), so a crash at any
 moment leaves either the old file or the cut one, never a truncated one, and each file holds
 exactly one record per logged step.
 """
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .durable import append_durably, write_atomic
 from .faults import fault_point
 
-__all__ = ["MetricsWriter", "append_durably", "csv_fields", "plot_metrics", "read_metrics", "replace_atomic"]
+__all__ = ["MetricsWriter", "csv_fields", "plot_metrics", "read_metrics"]
 
 #: a panel of the plot: (title, the columns drawn in it).
 Panel = tuple[str, Sequence[str]]
@@ -100,43 +100,6 @@ class MetricsWriter:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a platform that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def append_durably(path: Path, text: str) -> None:
-    """Append ``text`` (whole records) to ``path`` in one write and fsync it."""
-    with Path(path).open("a", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def replace_atomic(path: Path, data: bytes, fault: str | None = "log-rewrite") -> None:
-    """Make ``path`` hold ``data``: write a temporary file beside it, fsync it, rename it over
-    ``path``, fsync the directory. A crash leaves the old file or the new one. ``fault``: the
-    :func:`~qstar.faults.fault_point` between the write and the rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if fault is not None:
-        fault_point(fault)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _csv_line(fields: Sequence[str], row: dict) -> str:
     buf = io.StringIO(newline="")
     csv.DictWriter(buf, fieldnames=fields).writerow(row)
@@ -145,7 +108,7 @@ def _csv_line(fields: Sequence[str], row: dict) -> str:
 
 def _cut(path: Path, data: bytes, keep: int) -> None:
     if keep != len(data) or not path.exists():
-        replace_atomic(path, data[:keep])
+        write_atomic(path, data[:keep], fault="log-rewrite")
 
 
 def _cut_csv(path: Path, step: int, fields: list[str]) -> None:
@@ -158,7 +121,7 @@ def _cut_csv(path: Path, step: int, fields: list[str]) -> None:
             reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
             rows = [r for r in reader if _int(r.get("step")) is not None and _int(r["step"]) <= step]
         kept = header + b"".join(_csv_line(fields, {k: r.get(k, "") for k in fields}).encode() for r in rows)
-        return replace_atomic(path, kept)
+        return write_atomic(path, kept, fault="log-rewrite")
     keep = len(header)
     for line in data[len(header) :].splitlines(keepends=True):
         n = _int(line.split(b",", 1)[0])

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 from run_helpers import compare_runs, spawn, tiny_argv  # noqa: E402
 
 import qstar.train as T  # noqa: E402
+from qstar.checkpoint import verify_checkpoint  # noqa: E402
 from qstar.faults import ENV  # noqa: E402
 
 MAX_STEPS = 4
@@ -94,7 +95,7 @@ def test_sigkill_while_a_rollback_deletes_an_old_checkpoint(reference, tmp_path,
     shutil.copytree(reference, out)
     assert _attempt(out, "checkpoint-delete", 1, "--resume", str(out / f"checkpoint-{resume_from}"))
     latest = out / (out / "latest").read_text().strip()
-    assert (latest / "trainer_state.pt").is_file() and (latest / "model").is_dir(), f"{latest} is incomplete"
+    verify_checkpoint(latest)  # complete: every file of its manifest, sizes and sha256
     _finish(out)
     lost = compare_runs(reference, out, MAX_STEPS)
     deleted = f"checkpoint-{resume_from + 1}"

@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 
 from run_helpers import compare_runs, spawn, tiny_argv, wait_for_rows  # noqa: E402
 
+import qstar.durable as durable  # noqa: E402
 import qstar.interrupt as interrupt  # noqa: E402
 import qstar.metrics as metrics  # noqa: E402
 import qstar.train as T  # noqa: E402
@@ -96,12 +97,13 @@ def test_a_crash_during_the_cut_leaves_the_old_log_whole(tmp_path, monkeypatch):
     def crash(name):
         raise RuntimeError(f"crash at {name}")
 
-    monkeypatch.setattr(metrics, "fault_point", crash)
+    monkeypatch.setattr(durable, "fault_point", crash)
     with pytest.raises(RuntimeError, match="crash at log-rewrite"):
         MetricsWriter(tmp_path, 1, [], {}, fields, "thoughts.txt")
     assert (tmp_path / "metrics.csv").read_bytes() == before
     monkeypatch.undo()
-    MetricsWriter(tmp_path, 1, [], {}, fields, "thoughts.txt")  # the next start cuts it (and its leftover)
+    assert not list(tmp_path.glob(".*.tmp"))  # the interrupted write left no temporary file
+    MetricsWriter(tmp_path, 1, [], {}, fields, "thoughts.txt")  # the next start cuts it
     assert [r["step"] for r in metrics.read_metrics(tmp_path / "metrics.csv")] == [1]
     assert (tmp_path / "thoughts.txt").read_text() == "step 1\nx\n"
 
