@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import MANIFEST, verify_checkpoint
 from .config import QuietStarConfig, get_preset
 from .model import QuietStarForCausalLM
 from .pretrained import CONFIG_NAME
@@ -114,9 +115,12 @@ def _first_line(err: BaseException) -> str:
 
 def resolve_model_dir(path: Path) -> Path:
     """A trainer output directory -> its ``latest`` checkpoint; a checkpoint -> its ``model/``; any
-    other path is returned as it is."""
+    other path is returned as it is. A trainer checkpoint is verified against its manifest first
+    (:class:`qstar.checkpoint.CheckpointError` names a damaged file)."""
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
+    if (path / MANIFEST).is_file():
+        verify_checkpoint(path)
     if (path / "model" / CONFIG_NAME).is_file():
         path = path / "model"
     return path

@@ -84,3 +84,20 @@ def test_load_model_tiny_in_eval_mode_and_dtype():
     assert not model.training and model.tokenizer is not None
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.n_thought_tokens == 4  # the tiny-demo method
+
+
+def test_a_damaged_trainer_checkpoint_is_refused_by_name(tmp_path):
+    from qstar.checkpoint import CheckpointError, write_manifest
+
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    trained_looking_model().save_pretrained(ckpt / "model")
+    write_manifest(ckpt, 2)
+    (tmp_path / "run" / "latest").write_text("checkpoint-2\n")
+    assert resolve_model_dir(tmp_path / "run") == ckpt / "model"  # intact: verified, then its model/
+    weights = ckpt / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(data))
+    for spec in ("run", "run/checkpoint-2"):
+        with pytest.raises(CheckpointError, match="model.safetensors"):
+            load_model(str(tmp_path / spec))
