@@ -6,11 +6,12 @@ preset fills both:
 
 * ``"paper"`` is the authors' configuration and arithmetic (``docs/method.md``, "Presets"),
   quirks included: thoughts are sampled even in evaluation (their ``tau=0.001`` is a no-op), NLL
-  means over the non-zero loss entries, one-hot matmuls for step inputs, pure bf16 weights and
-  optimizer state, lr 1e-6, policy weight 1e6.
+  means over the non-zero loss entries, every label equal to the pad id ignored, one-hot matmuls
+  for step inputs, pure bf16 weights and optimizer state, lr 1e-6, policy weight 1e6.
 * ``"default"`` is what we recommend. It keeps the objective but fixes the bugs: greedy thoughts
-  in evaluation when the eval temperature is 0, NLL means over the real target tokens, gathers
-  instead of one-hot matmuls, fp32 master weights with bf16 autocast (on a GPU).
+  in evaluation when the eval temperature is 0, NLL means over the real target tokens, a real
+  token equal to the pad id (an EOS inside a text) is predicted, gathers instead of one-hot matmuls,
+  fp32 master weights with bf16 autocast (on a GPU).
 * ``"tiny-demo"`` is ``default`` shrunk to run on a laptop CPU in minutes (short thoughts, short
   windows, fp32, a larger learning rate).
 
@@ -128,6 +129,10 @@ class QuietStarConfig:
     #: "nonzero": sum / count of non-zero entries (the authors' loss_mean, quirk 15);
     #: "tokens": sum / count of real target tokens.
     nll_normalization: str = "tokens"
+    #: ignore every label equal to the pad id, padding or not (the authors, quirk 14: their pad id
+    #: is their EOS, so an EOS inside a text is never predicted). False: only padding
+    #: (attention_mask 0) and -100 labels are ignored.
+    ignore_pad_labels: bool = False
     #: how sampled and teacher-forced tokens become the next step's input embeddings:
     #: "one_hot" (the authors' (N, V) @ E matmul) or "gather" (E[t]); the values are identical.
     embedding_lookup: str = "gather"
@@ -156,7 +161,13 @@ class QuietStarConfig:
         _check_choice("baseline", self.baseline, BASELINES)
         _check_choice("nll_normalization", self.nll_normalization, NLL_NORMALIZATIONS)
         _check_choice("embedding_lookup", self.embedding_lookup, EMBEDDING_LOOKUPS)
-        for name in ("mixing_head_zero_init", "clip_negative_advantages", "gradient_checkpointing"):
+        bools = (
+            "mixing_head_zero_init",
+            "clip_negative_advantages",
+            "gradient_checkpointing",
+            "ignore_pad_labels",
+        )
+        for name in bools:
             _check_bool(name, getattr(self, name))
         for name in ("start_token", "end_token", "meta_init_string"):
             _check_text(name, getattr(self, name))
@@ -282,6 +293,7 @@ def _paper() -> Preset:
         n_rationales=2,
         eval_thought_temperature=1.0,
         nll_normalization="nonzero",
+        ignore_pad_labels=True,
         embedding_lookup="one_hot",
     )
     training = TrainingConfig(precision="bf16")
@@ -296,6 +308,8 @@ def _default() -> Preset:
     diffs = [
         "eval thoughts greedy (eval_thought_temperature=0); the authors sample them at 1",
         "NLL means over real target tokens; the authors divide by the count of non-zero losses",
+        "a real token equal to the pad id (an EOS inside a text) is predicted; the authors ignore every "
+        "label equal to the pad id, their EOS",
         "step inputs by gather E[t]; the authors use a one-hot (N, V) @ E matmul (same values)",
         "fp32 master weights with bf16 autocast; the authors keep pure bf16 weights and Adam state",
     ]

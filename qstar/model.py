@@ -70,7 +70,8 @@ class QuietStarOutput:
         thought_logprobs: ``(n_thought_tokens, R, L)`` ``log_softmax(z / reinforce_temperature)[t]``,
             the meta tokens excluded (detached; the policy loss recomputes the ones it needs).
         base_logprobs: ``(R, L)`` ``log p_base(x_{j+1})`` of the step-0 pass, 0 where the target is
-            padding or past the end (detached). Per-token, for perplexity and the gain from thinking.
+            ignored (padding, a -100 label) or past the end (detached). Per-token, for perplexity
+            and the gain from thinking.
         talk_logprobs: ``(K, R, L)`` ``log p_mix,s(x_{j+1+s})`` of each talk step (detached, 0 where
             ignored). In eval mode (``K = 1``) ``talk_logprobs[0] - base_logprobs`` is the per-token
             gain from thinking.
@@ -107,6 +108,7 @@ class _Rollout:
 
     x: torch.Tensor  # (R, L) int64 text
     keep: torch.Tensor  # (R, L) bool, True for real tokens
+    labels: torch.Tensor  # (R, L) int64 label of each position, IGNORE where no loss is taken
     positions: torch.Tensor  # (1, L) position ids of the text; step a uses j + a
     cache: RolloutCache
     n_rationales: int
@@ -126,14 +128,13 @@ class _Rollout:
         return self.length - self.n_talk - 1
 
     def targets(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, L) ids of x_{j+shift} where it is a real token, else IGNORE; and validity."""
-        x, keep, L = self.x, self.keep, self.length
-        tgt = torch.full_like(x, IGNORE)
-        valid = torch.zeros_like(keep)
+        """(R, L) the label of position j+shift (IGNORE past the end), and where it is not IGNORE.
+        Every loss and reward takes its targets here: base (shift 1) and talk step s (shift 1+s)."""
+        L = self.length
+        tgt = torch.full_like(self.labels, IGNORE)
         if shift < L:
-            valid[:, : L - shift] = keep[:, shift:]
-            tgt[:, : L - shift] = torch.where(keep[:, shift:], x[:, shift:], IGNORE)
-        return tgt, valid
+            tgt[:, : L - shift] = self.labels[:, shift:]
+        return tgt, tgt != IGNORE
 
 
 class _Base(NamedTuple):
@@ -322,7 +323,7 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             return checkpoint(run, embeds, use_reentrant=False)
         return run(embeds)
 
-    def _check_inputs(self, input_ids, attention_mask, thought_tokens, n_talk, n_rat):
+    def _check_inputs(self, input_ids, attention_mask, labels, thought_tokens, n_talk, n_rat):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (B, L) tensor, got {got}")
@@ -353,6 +354,8 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
                 )
             if attention_mask.device != device:
                 raise ValueError(f"attention_mask must be on {device}, got {attention_mask.device}")
+        if labels is not None:
+            self._check_labels(labels, (B, L), device)
         if thought_tokens is not None:
             want = (self.config.n_thought_tokens, B * n_rat, L)
             if not isinstance(thought_tokens, torch.Tensor) or tuple(thought_tokens.shape) != want:
@@ -379,6 +382,23 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
                     "(they are never sampled)"
                 )
 
+    def _check_labels(self, labels, shape: tuple[int, int], device) -> None:
+        """``labels``: (B, L) integers on the model's device, each in [0, V) or IGNORE (-100)."""
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a tensor with the shape of input_ids {shape}, got {got}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor (int64, as in HF), got {labels.dtype}")
+        if labels.device != device:
+            raise ValueError(f"labels must be on the model's device {device}, got {labels.device}")
+        V = self.vocab_size
+        bad = (labels != IGNORE) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels must be ids in [0, {V}) or {IGNORE} (ignored), got {int(labels[bad][0])} "
+                f"at {tuple(int(i) for i in bad.nonzero()[0])}"
+            )
+
     def _nll(self, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean of a per-token CE: over non-zero entries (the authors) or over real targets."""
         if self.config.nll_normalization == "nonzero":
@@ -394,6 +414,7 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
+        labels: torch.Tensor | None = None,
         thought_tokens: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         output_logits: bool = False,
@@ -404,6 +425,12 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
         Args:
             input_ids: ``(B, L)`` int64 text, right-padded; the targets are the next tokens.
             attention_mask: ``(B, L)``, 1/True = real token (None: all real).
+            labels: ``(B, L)`` integer targets, the HF convention: position ``j`` predicts
+                ``labels[:, j + 1]`` (shifted inside, like the text) and ``-100`` is ignored. They
+                are targets only: the teacher-forced talk inputs are always ``input_ids``. None:
+                ``input_ids``. Either way a label is ignored where ``attention_mask`` is 0 and, with
+                ``config.ignore_pad_labels`` (the ``paper`` preset), where it equals the pad id.
+                The base NLL, every talk NLL, the rewards and so the policy term all use them.
             thought_tokens: ``(n_thought_tokens, B * n_rationales, L)`` injected thoughts instead of
                 sampled ones (rows are ``repeat_interleave``-d copies: row ``b * P + p``).
             generator: the ``torch.Generator`` for sampling (None: the default one of the device).
@@ -420,8 +447,8 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
         else:
             n_talk, n_rat = cfg.eval_n_talk_tokens, cfg.eval_n_rationales
             temperature = cfg.eval_thought_temperature
-        self._check_inputs(input_ids, attention_mask, thought_tokens, n_talk, n_rat)
-        roll = self._start_rollout(input_ids, attention_mask, n_rat, n_talk)
+        self._check_inputs(input_ids, attention_mask, labels, thought_tokens, n_talk, n_rat)
+        roll = self._start_rollout(input_ids, attention_mask, labels, n_rat, n_talk)
         base = self.read_text(roll)
         thoughts = self.think(roll, thought_tokens, temperature, generator)
         talk = self.talk(roll, base, keep_mixed=output_logits or output_hidden_states)
@@ -447,8 +474,9 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             mixed_hidden=talk.mixed0 if output_hidden_states else None,
         )
 
-    def _start_rollout(self, input_ids, attention_mask, n_rat: int, n_talk: int) -> _Rollout:
-        """Each text row repeated ``n_rationales`` times (row ``b * P + p``), and an empty cache."""
+    def _start_rollout(self, input_ids, attention_mask, labels, n_rat: int, n_talk: int) -> _Rollout:
+        """Each text row repeated ``n_rationales`` times (row ``b * P + p``), its labels (IGNORE at
+        padding, and at the pad id with ``ignore_pad_labels``), and an empty cache."""
         device = input_ids.device
         x = input_ids.to(torch.int64).repeat_interleave(n_rat, dim=0)  # (R, L)
         R, L = x.shape
@@ -456,8 +484,13 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             keep = torch.ones(R, L, dtype=torch.bool, device=device)
         else:
             keep = attention_mask.to(torch.bool).repeat_interleave(n_rat, dim=0)  # (R, L)
+        y = x if labels is None else labels.to(torch.int64).repeat_interleave(n_rat, dim=0)  # (R, L)
+        ignored = ~keep
+        if self.config.ignore_pad_labels:  # the authors' quirk 14: their pad id is also their EOS
+            ignored = ignored | (y == self.pad_token_id)
+        y = y.masked_fill(ignored, IGNORE)
         positions = torch.arange(L, device=device).unsqueeze(0)  # (1, L)
-        return _Rollout(x, keep, positions, RolloutCache(self.decoder.config), n_rat, n_talk)
+        return _Rollout(x, keep, y, positions, RolloutCache(self.decoder.config), n_rat, n_talk)
 
     def read_text(self, roll: _Rollout) -> _Base:
         """Step 0, the text: ``h0`` feeds the base NLL, every talk step's mix, and (through the cache)

@@ -99,11 +99,11 @@ CASES = [
 OUTPUTS = ("loss", "base_nll", "talk_nll", "policy_loss", "rewards", "advantages", "mixing_weights")
 
 
-def _run(ours, theirs, ids, mask, thoughts, part):
-    """Both forwards and a backward of ``part`` ("loss", or "nll": the loss without the policy term).
-    Returns (our outputs, their outputs, our grads, their grads)."""
+def _run(ours, theirs, ids, mask, thoughts, part, labels=None):
+    """Both forwards and a backward of ``part`` ("loss", or "nll": the loss without the policy term);
+    ``labels`` go to ours only. Returns (our outputs, their outputs, our grads, their grads)."""
     _zero(ours, theirs)
-    out = ours(ids, mask, thought_tokens=thoughts)
+    out = ours(ids, mask, labels=labels, thought_tokens=thoughts)
     ref = _theirs(theirs, ours, ids, mask, thoughts)
     beta = ours.config.policy_loss_weight
     if part == "loss":
@@ -176,6 +176,29 @@ def test_float32_matches_the_authors_algorithm(preset, n_thought, n_talk, L, pad
     assert set(_live(got)) == set(_live(want))
     for n in _live(want):
         assert _rel(got[n], want[n]) < TOL, ("nll", n, _rel(got[n], want[n]))
+
+
+@pytest.mark.parametrize("preset", ["paper", "default"])
+def test_float64_a_pad_id_inside_the_text_is_ignored_the_authors_way(preset):
+    """The authors ignore every label equal to the pad id, padding or not (their pad id is their EOS:
+    quirk 14). ``paper`` reproduces it (``ignore_pad_labels``); ``default`` predicts such a token, and
+    reproduces the authors only when told to ignore it with labels=-100."""
+    ours, theirs, ids, mask, thoughts = _case(preset, 3, 2, 14, 3, torch.float64)
+    pad = ours.pad_token_id
+    ids[0, [4, 9]] = pad  # real tokens (attention_mask 1) equal to the pad id
+    ids[1, 2] = pad
+    labels = None if preset == "paper" else ids.masked_fill(ids == pad, -100)
+    for part in ("loss", "nll"):
+        out, ref, got, want = _run(ours, theirs, ids, mask, thoughts, part, labels=labels)
+        assert float(ref["advantages"].max()) > 0, "the case must exercise the policy term"
+        for name in OUTPUTS:
+            assert _rel(getattr(out, name), ref[name]) < 1e-10, name
+        for n in _live(want):
+            assert _rel(got[n], want[n]) < 1e-10, (part, n)
+    if preset == "default":  # without the labels, default predicts the pad-id tokens: not the authors
+        with torch.no_grad():
+            plain = ours(ids, mask, thought_tokens=thoughts)
+        assert _rel(plain.base_nll, ref["base_nll"]) > 1e-6
 
 
 def test_zero_initialised_head_gives_zero_rewards_in_both():

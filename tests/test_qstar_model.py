@@ -104,6 +104,119 @@ def test_per_token_outputs_logits_and_hidden_states_agree():
     assert float((out.logits - out.base_hidden @ W.T).abs().max()) > 1e-3
 
 
+def _labelled(model, ids, mask, thoughts, labels=None):
+    out = model(ids, mask, labels=labels, thought_tokens=thoughts)
+    model.zero_grad(set_to_none=True)
+    out.loss.backward()
+    return out, _grads(model)
+
+
+PER_TOKEN = ("loss", "base_nll", "talk_nll", "policy_loss", "rewards", "advantages", "base_logprobs")
+
+
+def test_labels_none_equals_input_ids_with_padding_ignored():
+    """The default labels are input_ids with -100 where attention_mask is 0: bit for bit, and a label
+    at a padded position is ignored whatever its value."""
+    model = tiny_quietstar(QuietStarConfig(**CFG)).train()
+    ids, mask = text_batch(2, 14, pad_last=3)
+    thoughts = random_thoughts(model, 4, 14)
+    want, want_g = _labelled(model, ids, mask, thoughts)
+    for labels in (ids.masked_fill(mask == 0, -100), ids.clone(), ids.int()):
+        got, got_g = _labelled(model, ids, mask, thoughts, labels)
+        for name in (*PER_TOKEN, "talk_logprobs"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert all(torch.equal(got_g[n], want_g[n]) for n in want_g)
+
+
+def test_an_ignored_label_removes_exactly_that_tokens_terms():
+    """labels[b, k] = -100 on a real token: base_logprobs[., k-1] and talk_logprobs[s][., k-1-s] become
+    0, every other per-token term is unchanged, the NLLs lose exactly those terms from their sums and
+    counts, and the rewards lose exactly those talk-minus-base terms."""
+    cfg = QuietStarConfig(**CFG, nll_normalization="tokens")
+    model = tiny_quietstar(cfg).train()
+    B, L, K, P = 2, 14, cfg.n_talk_tokens, cfg.n_rationales
+    ids, mask = text_batch(B, L, pad_last=3)
+    thoughts = random_thoughts(model, B * P, L)
+    with torch.no_grad():
+        full = model(ids, mask, thought_tokens=thoughts)
+        k = 6
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[0, k] = -100
+        out = model(ids, mask, labels=labels, thought_tokens=thoughts)
+    rows = slice(0, P)  # the P rationale rows of sequence 0
+    base = full.base_logprobs.clone()
+    base[rows, k - 1] = 0
+    talk = full.talk_logprobs.clone()
+    for s in range(K):
+        talk[s, rows, k - 1 - s] = 0
+    assert float(full.base_logprobs[rows, k - 1].abs().min()) > 0  # it was a real term
+    assert torch.equal(out.base_logprobs, base) and torch.equal(out.talk_logprobs, talk)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    valid[:, :-1] = mask[:, 1:].bool()
+    n_base = int(valid.sum()) * P - P
+    torch.testing.assert_close(out.base_nll, -base.sum() / n_base, rtol=1e-6, atol=0)
+    for s in range(K):
+        n_talk = int(valid[:, s:].sum()) * P - P
+        torch.testing.assert_close(out.talk_nll[s], -talk[s].sum() / n_talk, rtol=1e-6, atol=0)
+    n = L - K - 1
+    rewards = sum(talk[s, :, :n] - base[:, s : s + n] for s in range(K))
+    torch.testing.assert_close(out.rewards, rewards, rtol=1e-6, atol=1e-6)
+    changed = (out.rewards != full.rewards).nonzero()[:, 1].unique().tolist()
+    assert changed == [k - 1 - s for s in reversed(range(K))]  # only the positions whose window held k
+
+
+def test_a_label_equal_to_the_pad_id_the_paper_quirk():
+    """A real token equal to the pad id (the authors' EOS) inside the text: predicted by default, ignored
+    with ignore_pad_labels (the paper preset), which equals a -100 label at that position."""
+    assert get_preset("paper").method.ignore_pad_labels and not get_preset("default").method.ignore_pad_labels
+    model = tiny_quietstar(QuietStarConfig(**CFG)).train()
+    ids, mask = text_batch(2, 14, pad_last=3)
+    k = 5
+    ids[0, k] = model.pad_token_id  # mask stays 1: a real EOS-like token
+    thoughts = random_thoughts(model, 4, 14)
+    predicted = model(ids, mask, thought_tokens=thoughts)
+    assert float(predicted.base_logprobs[0, k - 1]) < 0
+    model.config.ignore_pad_labels = True
+    quirk = model(ids, mask, thought_tokens=thoughts)
+    assert float(quirk.base_logprobs[0, k - 1]) == 0.0 and float(quirk.talk_logprobs[0, 0, k - 1]) == 0.0
+    model.config.ignore_pad_labels = False
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, k] = -100
+    chosen = model(ids, mask, labels=labels, thought_tokens=thoughts)
+    for name in (*PER_TOKEN, "talk_logprobs"):
+        assert torch.equal(getattr(chosen, name), getattr(quirk, name)), name
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        (
+            torch.zeros(2, 11, dtype=torch.long),
+            ValueError,
+            r"labels must be a tensor with the shape of input_ids \(2, 12\)",
+        ),
+        ([[0] * 12] * 2, ValueError, "labels must be a tensor"),
+        (torch.zeros(2, 12), TypeError, "labels must be an integer tensor"),
+        (torch.zeros(2, 12, dtype=torch.bool), TypeError, "labels must be an integer tensor"),
+        (
+            torch.full((2, 12), 104),
+            ValueError,
+            r"labels must be ids in \[0, 104\) or -100 \(ignored\), got 104 at \(0, 0\)",
+        ),
+        (
+            torch.full((2, 12), -1),
+            ValueError,
+            r"labels must be ids in \[0, 104\) or -100 \(ignored\), got -1",
+        ),
+    ],
+)
+def test_bad_labels_raise_clearly(labels, error, match):
+    model = tiny_quietstar(QuietStarConfig(**CFG)).train()
+    ids, mask = text_batch(2, 12)
+    with pytest.raises(error, match=match):
+        model(ids, mask, labels=labels)
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = tiny_quietstar(QuietStarConfig(**CFG)).train()
     ids, mask = text_batch(2, 12)
@@ -364,6 +477,7 @@ def test_presets_differ_as_documented():
     paper, default = get_preset("paper"), get_preset("default")
     assert paper.method.n_ahead == 12 and paper.method.n_steps == 15
     assert (paper.method.nll_normalization, paper.method.embedding_lookup) == ("nonzero", "one_hot")
+    assert paper.method.ignore_pad_labels and not default.method.ignore_pad_labels
     assert paper.method.eval_thought_temperature == 1.0 and default.method.eval_thought_temperature == 0.0
     assert paper.training.precision == "bf16" and default.training.precision == "bf16-mixed"
     assert (paper.training.learning_rate, paper.method.policy_loss_weight) == (1e-6, 1e6)
