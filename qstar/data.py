@@ -6,6 +6,9 @@ Documents come from local files or a ``datasets`` name (:func:`load_documents`):
   blank line is one document. Leading and trailing whitespace of each document is dropped.
 * ``.jsonl``: one JSON object per line; the document is its ``text`` field (``text_field``).
 * a directory: every ``.txt`` and ``.jsonl`` file in it, in sorted order.
+* a shipped corpus by name (:data:`NAMED_CORPORA`): ``word-problems`` and
+  ``word-problems-heldout`` (``qstar/word_problems.py``); a local file or directory of the same
+  name comes first.
 * anything else is a ``datasets`` name, loaded with ``datasets.load_dataset(name, split=...)``;
   offline this reads the local Hugging Face cache, and a name that is not there raises an error that
   says so.
@@ -31,8 +34,13 @@ from pathlib import Path
 
 import torch
 
+from .word_problems import HELDOUT_PATH, TRAIN_PATH
+
 #: the corpus shipped for the tiny demo (``scripts/make_arithmetic_corpus.py`` writes it).
 DEMO_CORPUS = Path(__file__).resolve().parent / "demo_data" / "arithmetic.txt"
+
+#: the corpora shipped in the package, by the name ``--data`` accepts (``text`` is their text field).
+NAMED_CORPORA = {"word-problems": TRAIN_PATH, "word-problems-heldout": HELDOUT_PATH}
 
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
 
@@ -145,6 +153,8 @@ def load_documents(sources: str | os.PathLike | list, *, text_field: str = "text
     docs: list[str] = []
     for source in sources:
         path = Path(str(source).strip()).expanduser()
+        if not path.exists() and str(source).strip() in NAMED_CORPORA:
+            path = NAMED_CORPORA[str(source).strip()]
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
             if not files:
