@@ -212,9 +212,11 @@ def write_manifest(directory: Path, step: int) -> None:
         fsync(Path(root))
 
 
-def verify_checkpoint(directory: Path) -> dict:
+def verify_checkpoint(directory: Path, under: str | None = None) -> dict:
     """Check ``directory`` against its manifest: no file missing, none extra, every size and sha256
-    as recorded. Return the manifest; raise :class:`CheckpointError` naming the first bad file."""
+    as recorded. Return the manifest; raise :class:`CheckpointError` naming the first bad file.
+    ``under`` (e.g. ``"model/"``): hash only the files below that folder (a model loaded for eval
+    or generation need not read the optimizer state); their presence and sizes are checked all the same."""
     directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
@@ -253,7 +255,7 @@ def verify_checkpoint(directory: Path) -> dict:
         size = p.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"{p} has {size} bytes, its manifest says {want['size']} (truncated?)")
-        if _sha256(p) != want["sha256"]:
+        if (under is None or rel.startswith(under)) and _sha256(p) != want["sha256"]:
             raise CheckpointError(f"{p} is corrupt: its sha256 does not match the checkpoint's manifest")
     return body
 
@@ -471,7 +473,10 @@ def _resolve_latest(out: Path, resume: str) -> Path:
         reason = f"{out / 'latest'} does not name a checkpoint directory of {out}"
     else:
         reason = f"{out} has no 'latest' file"
-    candidates = [c for _, c in _checkpoints(out) if c.name != named]
+    # Only checkpoints older than the one 'latest' names: a newer one is left from before a rollback
+    # resume (another timeline, whose logs were cut away).
+    below = int(_NAME.fullmatch(named).group(1)) if named is not None else None
+    candidates = [c for s, c in _checkpoints(out) if c.name != named and (below is None or s < below)]
     if named is None and not candidates:
         raise _not_a_checkpoint(resume, out)
     for c in candidates:

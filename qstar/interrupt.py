@@ -78,13 +78,13 @@ class StopOnSignal:
         self.signum = int(any_rank(self.dist, self.signum)) or self.signum
         return bool(self.signum)
 
-    def exit(self, step: int, checkpoint: Path | None):
-        """Say how the run stopped (rank 0, one line on stderr) and raise :class:`TrainingInterrupted`."""
+    def exit(self, step: int, checkpoint: Path | None, resumable: bool = True):
+        """Say how the run stopped (rank 0, one line on stderr) and raise :class:`TrainingInterrupted`.
+        ``resumable``: the output directory holds a checkpoint to continue from."""
         name = signal.Signals(self.signum).name
         if self.dist.is_main:
             saved = f"saved {checkpoint}" if checkpoint is not None else "no step ran, nothing new saved"
-            sys.stderr.write(
-                f"qstar-train: stopped by {name} after step {step}; {saved} (continue with --resume latest)\n"
-            )
+            hint = "continue with --resume latest" if resumable else "no checkpoint yet: start it again"
+            sys.stderr.write(f"qstar-train: stopped by {name} after step {step}; {saved} ({hint})\n")
             sys.stderr.flush()
         raise TrainingInterrupted(self.signum, step, checkpoint)

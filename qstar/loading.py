@@ -115,12 +115,12 @@ def _first_line(err: BaseException) -> str:
 
 def resolve_model_dir(path: Path) -> Path:
     """A trainer output directory -> its ``latest`` checkpoint; a checkpoint -> its ``model/``; any
-    other path is returned as it is. A trainer checkpoint is verified against its manifest first
-    (:class:`qstar.checkpoint.CheckpointError` names a damaged file)."""
+    other path is returned as it is. A trainer checkpoint's ``model/`` is verified against its manifest
+    first (:class:`qstar.checkpoint.CheckpointError` names a damaged file)."""
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     if (path / MANIFEST).is_file():
-        verify_checkpoint(path)
+        verify_checkpoint(path, under="model/")  # the weights it loads; not the optimizer state
     if (path / "model" / CONFIG_NAME).is_file():
         path = path / "model"
     return path

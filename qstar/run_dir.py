@@ -38,11 +38,12 @@ log = logging.getLogger("qstar.train")
 __all__ = ["LOCK_NAME", "OutputDirError", "RunDirLock", "any_rank", "claim_output_dir", "previous_outputs"]
 
 LOCK_NAME = "train.lock"
-#: checkpoint directories, complete or not: checkpoint-5, .tmp-checkpoint-5, .deleting-checkpoint-5, ...
-_CHECKPOINT = re.compile(r"\.?(?:[a-z]+-)?checkpoint-\d+")
+#: the trainer's checkpoint directories, complete or not: checkpoint-5 and its .tmp-, .old- and
+#: .deleting- forms (a user's best-checkpoint-5 or copy is not the trainer's, and is left alone)
+_CHECKPOINT = re.compile(r"(?:\.(?:tmp|old|deleting)-)?checkpoint-\d+")
 #: what the trainer writes besides checkpoints (``--overwrite`` removes these too).
 _OTHER_OUTPUTS = (
-    "latest", "latest.tmp", "metrics.csv", ".metrics.csv.tmp", "metrics.png", "tensorboard", "wandb",
+    "latest", ".latest.tmp", "metrics.csv", ".metrics.csv.tmp", "metrics.png", "tensorboard", "wandb",
 )  # fmt: skip
 
 
@@ -98,10 +99,13 @@ class RunDirLock:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         raise self._in_use(self._owner()) from None
-                    with contextlib.suppress(FileNotFoundError):
-                        if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
-                            os.close(fd)
-                            continue
+                    try:
+                        same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                    except FileNotFoundError:  # the holder released (unlinked) it meanwhile
+                        same = False
+                    if not same:  # this inode is no longer the lock file: lock the current one
+                        os.close(fd)
+                        continue
                 owner = self._owner()
                 if owner:  # nobody holds the lock, but a record is left: a process that died
                     pid = owner.get("pid")
@@ -155,15 +159,23 @@ def previous_outputs(out: Path, samples_file: str | None = None) -> list[Path]:
     return sorted(p for p in Path(out).iterdir() if p.name in names or _CHECKPOINT.fullmatch(p.name))
 
 
-def _blocks_a_fresh_run(path: Path, samples_file: str | None) -> bool:
-    """Checkpoints, ``latest`` and the logs; not temporary files or plots alone."""
-    name = path.name
-    return name.startswith("checkpoint-") or name in ("latest", "metrics.csv", samples_file)
+def _blocks_a_fresh_run(path: Path) -> bool:
+    """A checkpoint or ``latest``: a run that can be continued. Logs alone (a run stopped before its
+    first checkpoint) do not: a fresh run cuts them back to nothing, as it would on resume."""
+    return path.name.startswith("checkpoint-") or path.name == "latest"
+
+
+def _inside(resume: str, out: Path) -> bool:
+    """Whether ``--resume`` names ``out`` itself (``latest``, the directory) or one of its checkpoints."""
+    if resume == "latest":
+        return True
+    path = Path(resume).resolve()
+    return path == out.resolve() or path.parent == out.resolve()
 
 
 def _clear(out: Path, outputs: list[Path]) -> None:
     """Remove a previous run's outputs: ``latest`` first, each checkpoint renamed aside first."""
-    for name in ("latest", "latest.tmp"):
+    for name in ("latest", ".latest.tmp"):
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
     for p in outputs:
@@ -181,15 +193,22 @@ def _check_and_clear(run, out: Path, samples_file: str | None) -> None:
     overwrite = getattr(run, "overwrite", False)
     if overwrite and run.resume:
         raise OutputDirError("--overwrite and --resume exclude each other: --overwrite starts afresh")
-    if run.resume:
-        return
     outputs = previous_outputs(out, samples_file)
+    if run.resume:
+        found = [p.name for p in outputs if _blocks_a_fresh_run(p)]
+        if found and not _inside(run.resume, out):  # two runs' histories would mix in one directory
+            raise OutputDirError(
+                f"--resume {run.resume!r} is a checkpoint of another directory, and --output-dir "
+                f"{str(out)!r} already holds a run ({', '.join(found[:4])}): resume into an empty "
+                "--output-dir, or resume that run from its own directory"
+            )
+        return
     if overwrite:
         if outputs:
             _clear(out, outputs)
             log.warning("--overwrite: removed %s from %s", ", ".join(p.name for p in outputs), out)
         return
-    found = [p.name for p in outputs if _blocks_a_fresh_run(p, samples_file)]
+    found = [p.name for p in outputs if _blocks_a_fresh_run(p)]
     if found:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise OutputDirError(

@@ -48,7 +48,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from .cli import ArgumentParser, run_cli
+from .cli import ArgumentParser, check_output_dir, run_cli
 from .config import (
     DISTRIBUTED,
     FSDP_UNITS,
@@ -323,6 +323,7 @@ def _train(
                 "run": dataclasses.asdict(run),
             }
             last_ckpt = save_checkpoint(out, step, state, model, optimizer, dist, export_template)
+            stopping = stopping or stop.requested()  # a signal during the save: this step is saved
     bar.close()
 
     if dist.is_main:
@@ -333,7 +334,7 @@ def _train(
             log.info("wrote %s and %s", writer.path, png)
     dist.barrier()
     if stopping:
-        stop.exit(step, last_ckpt)  # raises TrainingInterrupted
+        stop.exit(step, last_ckpt, resumable=(out / "latest").is_file())  # raises TrainingInterrupted
     return TrainResult(out, step, skipped_total, history, last_ckpt)
 
 
@@ -449,6 +450,7 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
         overwrite=args.overwrite,
     )
     run.validate()
+    check_output_dir("--output-dir", run.output_dir)
     if run.resume is None:
         check_model_arg(run.model)  # a missing directory fails here, before the output dir is made
     return method, training, run

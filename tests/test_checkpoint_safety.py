@@ -228,6 +228,19 @@ def test_resume_latest_resumes_from_the_fallback_and_latest_follows(trained, tmp
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+def test_the_fallback_never_picks_a_checkpoint_left_from_before_a_rollback(trained, tmp_path, caplog):
+    """After a rollback to checkpoint-1, 'latest' names checkpoint-1 while checkpoint-2 (the old
+    timeline) is still there; if checkpoint-1 is then damaged, nothing older is left: the fallback
+    refuses instead of resuming the abandoned checkpoint-2."""
+    out = copy_run(trained, tmp_path)
+    C.adopt_checkpoint(out, out / "checkpoint-1")  # what a rollback resume does first
+    assert (out / "latest").read_text() == "checkpoint-1\n"
+    flip_middle(out / "checkpoint-1" / "trainer_state.safetensors")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* passes verification"):
+        resolve_checkpoint("latest", str(out))
+    assert "checkpoint-2" not in caplog.text
+
+
 # --------------------------------------------------------------------------------------------------
 # Item 2: rollback-resume replaces a checkpoint of the same step; a crash at any point is survived
 # --------------------------------------------------------------------------------------------------

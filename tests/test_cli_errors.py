@@ -78,6 +78,16 @@ def test_train_errors_are_one_line(tmp_path, capsys, argv, expect):
     assert expect in one_line(err, "qstar-train")
 
 
+def test_train_output_dir_that_is_a_file_is_named(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a directory")
+    status, err = run(T.cli, ["--preset", "tiny-demo", "--output-dir", str(a_file)], capsys)
+    assert status == 2
+    assert f"--output-dir {str(a_file)!r}: expected a directory, but it is a file" in one_line(
+        err, "qstar-train"
+    )
+
+
 def test_unexpected_errors_are_one_line_with_their_type(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom\nsecond line")

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,6 +195,34 @@ def test_a_fresh_run_refuses_a_finished_directory_unless_overwrite(tmp_path):
     assert names == ["checkpoint-1", "latest", "metrics.csv", "notes.txt", "thoughts.txt"], names
     assert [r["step"] for r in metrics.read_metrics(tmp_path / "metrics.csv")] == [1]
     assert (tmp_path / "thoughts.txt").read_text().count("step ") == 1
+
+
+def test_overwrite_leaves_a_users_own_checkpoint_copies_alone(tmp_path):
+    T.main(tiny_argv(tmp_path, 1))
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "best-checkpoint-1")
+    T.main(tiny_argv(tmp_path, 1, 1, "--overwrite"))
+    assert (tmp_path / "best-checkpoint-1" / "manifest.json").is_file()
+
+
+def test_logs_without_a_checkpoint_do_not_block_a_fresh_run(tmp_path):
+    """A run stopped before its first checkpoint leaves logs only: nothing to resume, so a fresh run
+    goes ahead and cuts them back."""
+    fields = csv_fields(("loss",))
+    w = MetricsWriter(tmp_path, 0, [], {}, fields, "thoughts.txt")
+    w.write(_rows(fields, (1,))[0])
+    w.close()
+    T.main(tiny_argv(tmp_path, 1))
+    assert [r["step"] for r in metrics.read_metrics(tmp_path / "metrics.csv")] == [1]
+
+
+def test_a_resume_from_another_directory_into_a_run_is_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    T.main(tiny_argv(a, 1))
+    T.main(tiny_argv(b, 2))
+    with pytest.raises(OutputDirError, match=r"is a checkpoint of another directory, and --output-dir"):
+        T.main(tiny_argv(b, 2, 2, "--resume", str(a / "checkpoint-1")))
+    assert (b / "latest").read_text().strip() == "checkpoint-2"
+    T.main(tiny_argv(tmp_path / "c", 2, 2, "--resume", str(a / "checkpoint-1")))  # an empty one is fine
 
 
 # --------------------------------------------------------------------------------------------------
