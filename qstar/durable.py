@@ -63,8 +63,13 @@ def write_atomic(path: Path, data: str | bytes, fault: str | None = None) -> Non
 
 
 def append_durably(path: Path, text: str) -> None:
-    """Append ``text`` (whole records) to ``path`` in one write and flush it to the disk."""
-    with Path(path).open("a", newline="") as f:
+    """Append ``text`` (whole records) to ``path`` in one write and flush it to the disk (and the
+    directory too when the append creates the file)."""
+    path = Path(path)
+    created = not path.exists()
+    with path.open("a", newline="") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if created:
+        fsync(path.parent)

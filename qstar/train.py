@@ -166,6 +166,19 @@ def train(
         return _train(method, training, run, objective, dist, stop)
 
 
+def _check_positions(model, training: TrainingConfig, method: QuietStarConfig) -> None:
+    """The rollout's positions (a window, then one per thought and talk step) fit the model's."""
+    limit = getattr(model.base_model.config, "max_position_embeddings", None)
+    need = training.seq_len + method.n_thought_tokens + method.n_talk_tokens + 2
+    if isinstance(limit, int) and need > limit:
+        raise ValueError(
+            f"--seq-len {training.seq_len}: with {method.n_thought_tokens} thought and "
+            f"{method.n_talk_tokens} talk tokens the rollout needs {need} positions, the model has "
+            f"{limit} (max_position_embeddings): give --seq-len {max(1, limit - need + training.seq_len)} "
+            "or less"
+        )
+
+
 def _train(
     method: QuietStarConfig, training: TrainingConfig, run: RunConfig, objective: Objective, dist: Dist, stop
 ) -> TrainResult:
@@ -184,6 +197,7 @@ def _train(
     random.seed(training.seed)
     torch.manual_seed(training.seed)
     model = build_model(run.model, method, training.seed, checkpoint)
+    _check_positions(model, training, method)
     tokenizer = getattr(model, "tokenizer", None)
     if training.precision == "bf16":
         model = model.to(torch.bfloat16)

@@ -78,6 +78,16 @@ def test_train_errors_are_one_line(tmp_path, capsys, argv, expect):
     assert expect in one_line(err, "qstar-train")
 
 
+def test_train_seq_len_beyond_the_models_positions_is_named(tmp_path, capsys):
+    argv = ["--preset", "tiny-demo", "--output-dir", str(tmp_path / "o"), "--seq-len", "100000000"]
+    status, err = run(T.cli, argv, capsys)
+    assert status == 2
+    assert "--seq-len 100000000: with 4 thought and 2 talk tokens the rollout needs" in one_line(
+        err, "qstar-train"
+    )
+    assert "the model has 1024 (max_position_embeddings)" in err
+
+
 def test_train_output_dir_that_is_a_file_is_named(tmp_path, capsys):
     a_file = tmp_path / "afile"
     a_file.write_text("not a directory")
