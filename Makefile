@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.14.1
 
 .PHONY: help install install-torch install-real test test-fast test-gpu gpu-check lint format bench bench-full bench-gpu bench-model \
 	triton-resources cuda-resources bench-hf bench-hf-full bench-lm-head bench-lm-head-full bench-generate bench-generate-quick \
-	bench-regress demo eval-tiny clean
+	bench-real bench-regress demo eval-tiny clean
 
 help:
 	@echo "install       torch $(TORCH_VERSION) + this package (editable, compiles csrc/) + dev tools"
@@ -28,6 +28,7 @@ help:
 	@echo "bench-lm-head-full  the same over the whole grid"
 	@echo "bench-generate  generation with thoughts vs the authors' recompute loop and the base model, 64/256 tokens (CPU, minutes)"
 	@echo "bench-generate-quick  the same at 8/16 new tokens: a smoke run"
+	@echo "bench-real    SmolLM2-135M: a training step vs the authors' way, generation vs the base (CPU, ~5 min; make install-real)"
 	@echo "bench-regress pytest-benchmark regression cases (pytest benchmarks --benchmark-only)"
 	@echo "demo          train the tiny Mistral on the shipped arithmetic corpus (CPU, minutes): runs/tiny-demo/"
 	@echo "eval-tiny     the evaluation harness on the shipped fixtures with the random tiny model: runs/eval-tiny/"
@@ -103,6 +104,9 @@ bench-generate:
 
 bench-generate-quick:
 	$(PY) benchmarks/generate.py --quick
+
+bench-real:
+	$(PY) benchmarks/real_model.py
 
 bench-regress:
 	$(PY) -m pytest benchmarks --benchmark-only
