@@ -23,7 +23,7 @@ Training step (the providers, batch, agreement check and claims of ``train_step.
   one step (``_common.peak_extra_memory``); the process's peak RSS is reported beside it.
   Claims: qstar's tokens/s >= 2x the authors'; qstar's peak memory <= 0.5x the authors'.
 
-Generation (the providers, agreement check and ratios of ``generate.py``), batch 1, a 25-token
+Generation (the providers, agreement check and ratios of ``generate.py``), batch 1, a 32-token
 English prompt, text sampled at temperature 0.9, thoughts at 1.0, 32 new tokens (``--quick``: 8):
 
   qstar        ``qstar.generate`` with 4 thought tokens per new token
