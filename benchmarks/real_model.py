@@ -53,7 +53,6 @@ import resource
 import sys
 
 import generate as G
-import plot
 import train_step as TS
 from _common import peak_extra_memory, time_calls
 from _models import authors_beside
@@ -144,55 +143,6 @@ def generation_claims(rows, steps_full, steps_strict) -> list[dict]:
             )
         )
     return claims
-
-
-def plot_real_model(results: dict, png: str) -> str:
-    """Training tokens/s and peak memory per provider; generation ms/token with the ideal hatched."""
-    plt = plot._pyplot()
-    args = results.get("config", {}).get("args", {})
-    train = [r for r in results["rows"] if r["part"] == "train_step"]
-    gen = [r for r in results["rows"] if r["part"] == "generate"]
-    steps = args.get("thought", 4) + 3
-    base = next((r for r in gen if r["provider"] == "base-qstar"), None)
-    gen_bars = [(r["provider"], plot._num(r["ms_per_token"]), False) for r in gen]
-    gen_bars += [(f"ideal\n({steps}x base-qstar)", steps * base["ms_per_token"], True)] if base else []
-    speed = [(r["provider"], plot._num(r["tokens_per_s"]), False) for r in train]
-    memory = [(r["provider"], (plot._num(r.get("peak_bytes")) or 0) / plot.MIB, False) for r in train]
-    colors = {"authors": "#999999", "qstar": "#1f77b4", "qstar-ckpt": "#2ca02c"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    panels = [
-        (axes[0], speed, "training tokens / s (higher is better)"),
-        (axes[1], memory, "training step peak memory, MB (lower is better)"),
-        (axes[2], gen_bars, f"generation ms / new token, {args.get('new_tokens')} tokens (lower is better)"),
-    ]
-    for ax, bars, label in panels:
-        drawn = ax.bar(
-            [n for n, _, _ in bars],
-            [v for _, v, _ in bars],
-            color=[colors.get(n, "#ff7f0e") for n, _, _ in bars],
-        )
-        for bar, (_, v, hatched) in zip(drawn, bars):
-            if hatched:
-                bar.set_hatch("//")
-                bar.set_alpha(0.5)
-            ax.annotate(
-                f"{v:.0f}" if v >= 100 else f"{v:.3g}",
-                (bar.get_x() + bar.get_width() / 2, v),
-                ha="center",
-                va="bottom",
-                fontsize=9,
-            )
-        ax.set_ylabel(label, fontsize=9)
-        ax.margins(y=0.2)
-    title = (
-        f"SmolLM2-135M, fp32: training step L={args.get('L')}, thought {args.get('thought')}, talk "
-        f"{args.get('talk')}, rationales {args.get('rationales')}; generation with {args.get('thought')} "
-        f"thought tokens\n{plot._machine(results)}"
-    )
-    return plot._save(plt, fig, png, title, 120)
-
-
-plot.PLOTTERS["real_model"] = plot_real_model
 
 
 def parse_args(argv=None):
