@@ -342,6 +342,7 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
         generator: torch.Generator | None = None,
         output_logits: bool = False,
         output_hidden_states: bool = False,
+        think: bool = True,
     ) -> QuietStarOutput:
         """The Quiet-STaR training forward (``docs/algorithm.md``, "The objective").
 
@@ -360,6 +361,10 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             output_logits: also return ``logits``, the ``(R, L, V)`` mixed next-token logits of talk
                 step 0. Vocabulary-sized: for evaluation, not training.
             output_hidden_states: also return ``base_hidden`` and ``mixed_hidden`` (talk step 0).
+            think: False runs only the base pass (no thoughts, no talk, no policy, one row per
+                text): ``loss = base_nll``, the plain fine-tuning loss of the base model through the
+                fused log-prob op; ``base_logprobs`` (and ``base_hidden``) are set, the thought, talk
+                and policy fields are None. For a fine-tune without thoughts (``NextTokenObjective``).
 
         In eval mode the authors' overrides apply: ``eval_n_talk_tokens``, ``eval_n_rationales``
         and ``eval_thought_temperature`` (0 = greedy thoughts).
@@ -375,6 +380,10 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             n_thought_tokens=self.config.n_thought_tokens, vocab_size=self.vocab_size,
             meta_ids=(self.start_id, self.end_id), device=self.lm_head_weight.device,
         )  # fmt: skip
+        if not think:
+            if thought_tokens is not None:
+                raise ValueError("thought_tokens must be None with think=False (no thoughts are run)")
+            return self._read_only(input_ids, attention_mask, labels, output_hidden_states)
         roll = self._start_rollout(input_ids, attention_mask, labels, n_rat, n_talk)
         base = self.read_text(roll)
         thoughts = self.think(roll, thought_tokens, temperature, generator)
@@ -400,6 +409,17 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             base_hidden=base.hidden.detach() if output_hidden_states else None,
             mixed_hidden=talk.mixed0 if output_hidden_states else None,
         )
+
+    def _read_only(self, input_ids, attention_mask, labels, output_hidden_states: bool) -> QuietStarOutput:
+        """``forward(..., think=False)``: the base pass alone, one row per text."""
+        roll = self._start_rollout(input_ids, attention_mask, labels, 1, 0)
+        base = self.read_text(roll)
+        return QuietStarOutput(
+            loss=base.nll, base_nll=base.nll, talk_nll=None, policy_loss=None, rewards=None,
+            advantages=None, mixing_weights=None, thought_tokens=None, thought_logprobs=None,
+            base_logprobs=-base.ce.detach(), talk_logprobs=None, logits=None,
+            base_hidden=base.hidden.detach() if output_hidden_states else None, mixed_hidden=None,
+        )  # fmt: skip
 
     def _start_rollout(self, input_ids, attention_mask, labels, n_rat: int, n_talk: int) -> _Rollout:
         """Each text row repeated ``n_rationales`` times (row ``b * P + p``), its labels (IGNORE at

@@ -20,8 +20,10 @@ accumulation, DDP/FSDP2, clipping, the NaN/Inf guard, the schedule, checkpoints 
   ``samples_file``/``sample_label`` (decoded samples, written every log step), ``name``.
 
 :class:`QuietStarObjective` (the default) runs the whole Quiet-STaR forward (think, talk, learn:
-``docs/algorithm.md``, "The objective"); a supervised fine-tune or a DPO objective subclasses
-:class:`Objective` the same way and reuses everything the loop owns.
+``docs/algorithm.md``, "The objective"). :class:`NextTokenObjective` is the fine-tune without
+thoughts (the base pass alone, through the same fused log-prob op): the baseline of the real-model
+experiment and STaR's fine-tuning step. Another objective (DPO, say) subclasses :class:`Objective`
+the same way and reuses everything the loop owns.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ import torch
 
 from .config import RunConfig, TrainingConfig
 from .data import load_documents, make_windows
+from .forward_inputs import IGNORE
 
 __all__ = [
     "LOSS_PARTS",
     "STAT_NAMES",
+    "NextTokenObjective",
     "Objective",
     "ObjectiveOutput",
     "QuietStarObjective",
@@ -158,6 +162,37 @@ class QuietStarObjective(Objective):
 
     def samples(self, out: ObjectiveOutput, batch: dict, tokenizer, n: int) -> list[str]:
         return sample_thoughts(out.output, batch["input_ids"], batch["attention_mask"], tokenizer, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning without thoughts
+# --------------------------------------------------------------------------------------------------
+
+
+class NextTokenObjective(Objective):
+    """Plain next-token NLL of the base model, no thoughts: ``model(..., think=False)``.
+
+    The loss is the mean ``-log p(x_{j+1})`` over the real targets, computed by the fused log-prob
+    op (no ``(N, V)`` logits). A dataset row may carry ``labels`` ``(N, L)`` (HF convention, -100
+    ignored): then only those tokens count, e.g. a rationale and answer but not their question. The
+    mixing head and meta embeddings get no gradient and stay as they are.
+    """
+
+    name = "next-token NLL (no thoughts)"
+    stat_names = ("loss",)
+    guarded = ("loss",)
+    panels = (("NLL (nats/token)", ("loss",)),)
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> ObjectiveOutput:
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
+        labels = batch.get("labels")  # (B, L) or None
+        out = model(ids, attention_mask=mask, labels=labels, think=False)
+        target = (ids if labels is None else labels)[:, 1:]  # (B, L-1)
+        n_counted = int(((target != IGNORE) & mask[:, 1:].bool()).sum())
+        return ObjectiveOutput(out.loss, out.loss.detach().double().reshape(1).cpu(), n_counted, out)
+
+    def summary(self, row: dict) -> str:
+        return f"nll {row['loss']:.4f}"
 
 
 def non_finite(names: Sequence[str], stats: torch.Tensor, guarded: Sequence[str]) -> list[str]:

@@ -65,7 +65,7 @@ from .faults import fault_point
 from .interrupt import StopOnSignal
 from .loading import build_model, check_model_arg
 from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics
-from .objective import Objective, QuietStarObjective, non_finite
+from .objective import NextTokenObjective, Objective, QuietStarObjective, non_finite
 from .run_dir import claim_output_dir
 
 log = logging.getLogger("qstar.train")
@@ -190,6 +190,12 @@ def _train(
         training = TrainingConfig.from_dict(saved["training"])
         training.max_steps = max_steps
         method = QuietStarConfig.from_dict(saved["method"])
+        trained_with = saved.get("objective", QuietStarObjective.name)
+        if trained_with != objective.name:
+            raise ValueError(
+                f"--resume: {checkpoint} was trained with the objective {trained_with!r}, this run's is "
+                f"{objective.name!r} (give the same --objective)"
+            )
         del saved
     accum = accumulation_steps(training, dist.world_size)
 
@@ -335,6 +341,7 @@ def _train(
                 "training": training.to_dict(),
                 "method": method.to_dict(),
                 "run": dataclasses.asdict(run),
+                "objective": objective.name,
             }
             last_ckpt = save_checkpoint(out, step, state, model, optimizer, dist, export_template)
             stopping = stopping or stop.requested()  # a signal during the save: this step is saved
@@ -355,6 +362,9 @@ def _train(
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
+
+#: ``--objective``: what the loop optimises (:mod:`qstar.objective`).
+OBJECTIVES = {"quietstar": QuietStarObjective, "next-token": NextTokenObjective}
 
 #: CLI flag -> (config, field, type). Given flags override the preset.
 OVERRIDES = {
@@ -407,6 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--report-to", default="", help="comma-separated: tensorboard, wandb")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no metrics.png at the end")
+    p.add_argument("--objective", default="quietstar", choices=sorted(OBJECTIVES),
+                   help="quietstar (default) or next-token: a fine-tune without thoughts")  # fmt: skip
     for name, (_, _, typ) in OVERRIDES.items():
         kw = {"choices": PRECISIONS} if name == "precision" else {}
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, **kw)
@@ -517,7 +529,7 @@ def main(argv=None) -> TrainResult:
             log.warning("%s", line)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
-        return train(method, training, run)
+        return train(method, training, run, OBJECTIVES[args.objective]())
     finally:
         if owns_group and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

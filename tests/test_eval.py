@@ -616,3 +616,30 @@ def test_eval_settings_with_several_rationales_and_talk_tokens_score_the_same():
     assert len({round(e.p_with, 6) for e in got.examples}) == 3  # three different examples, not copies
     torch.testing.assert_close(got_ppl.nll_with, want_ppl.nll_with, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_ppl.nll_without, want_ppl.nll_without, rtol=1e-5, atol=1e-6)
+
+
+def test_no_thoughts_equals_thinking_with_a_zero_head_and_costs_one_pass():
+    """``think=False`` (``--no-thoughts``) gives the numbers of the full eval forward when the mixing
+    head is zero, from the base pass alone."""
+    model = tiny_model(nonzero_head=False)
+    text = ["3+4=7. 9-2=7. 5+5=10.", "12*3=36."]
+    full = ev.evaluate_perplexity(model, text, max_length=12, generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda *a: calls.append(1))
+    fast = ev.evaluate_perplexity(model, text, max_length=12, think=False)
+    hook.remove()
+    assert len(calls) == 1  # the 3 windows fit one batch: one decoder pass, no thought steps
+    torch.testing.assert_close(fast.nll_without, full.nll_without, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast.nll_with, fast.nll_without) and fast.mean_mixing_weight == 0.0
+    prompts = [ev.gsm8k_direct_prompt("2+3?", "#### 5"), ev.gsm8k_direct_prompt("9-1?", "#### 8")]
+    d_full = ev.evaluate_direct(model, prompts, generator=torch.Generator().manual_seed(0))
+    d_fast = ev.evaluate_direct(model, prompts, think=False)
+    assert d_fast.without_thoughts == pytest.approx(d_full.without_thoughts, rel=1e-6)
+    assert d_fast.with_thoughts == d_fast.without_thoughts
+
+
+def test_no_thoughts_flag_is_checked_against_the_thought_flags():
+    with pytest.raises(ValueError, match="--no-thoughts: gsm8k-cot"):
+        ev.run(ev.parse_args(["--model", "tiny", "--tasks", "gsm8k-cot", "--no-thoughts"]))
+    with pytest.raises(ValueError, match="--thought-temperature: no thoughts"):
+        ev.run(ev.parse_args(["--model", "tiny", "--no-thoughts", "--thought-temperature", "1"]))

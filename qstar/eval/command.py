@@ -110,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bfloat16 on CUDA, float32 on the CPU")  # fmt: skip
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on the CPU")
+    p.add_argument("--no-thoughts", action="store_true", help="run the base pass only ('with thoughts' "
+                   "then equals 'without'): for a model whose mixing head is untrained")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
@@ -138,6 +140,10 @@ def _check_args(args) -> list[str]:
         raise ValueError(f"--thought-temperature must be a finite number >= 0, got {t}")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise ValueError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+    if args.no_thoughts and "gsm8k-cot" in tasks:
+        raise ValueError("--no-thoughts: gsm8k-cot compares generation with and without thoughts; drop one")
+    if args.no_thoughts and args.thought_temperature is not None:
+        raise ValueError("--thought-temperature: no thoughts are run with --no-thoughts; drop one")
     check_output_dir("--output-dir", args.output_dir)
     return list(dict.fromkeys(tasks))
 
@@ -181,6 +187,7 @@ def run(args) -> dict:
         "model_info": {
             "n_thought_tokens": model.config.n_thought_tokens,
             "eval_thought_temperature": model.config.eval_thought_temperature,
+            "thoughts": not args.no_thoughts,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
@@ -211,6 +218,7 @@ def run(args) -> dict:
             generator=gen(offset),
             progress=progress,
             desc=name,
+            think=not args.no_thoughts,
         )
         report["tasks"][name] = direct_report(res, getattr(args, name))
         log.info(
@@ -251,6 +259,7 @@ def run(args) -> dict:
             n_buckets=args.buckets,
             generator=gen(3),
             progress=progress,
+            think=not args.no_thoughts,
         )
         report["tasks"]["perplexity"] = perplexity_report(res, args.text)
         log.info(

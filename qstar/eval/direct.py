@@ -273,12 +273,14 @@ def evaluate_direct(
     generator: torch.Generator | None = None,
     progress: bool = False,
     desc: str = "direct",
+    think: bool = True,
 ) -> DirectResult:
     """The authors' zero-shot direct metric of ``prompts`` (each holding its gold answer after the
     last ``"\\nA:"``), without and with thoughts, from one eval forward per batch.
 
     The logits at the allowed ids are ``mixed_logits(hidden, W[allowed])`` of ``base_hidden``
-    (without) and ``mixed_hidden`` (with): no vocabulary-sized tensor.
+    (without) and ``mixed_hidden`` (with): no vocabulary-sized tensor. ``think=False``: the base
+    pass only, "with" equals "without" (:func:`~qstar.eval.forward.eval_forward`).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -320,7 +322,7 @@ def evaluate_direct(
     try:
         for s in starts:
             rows = encoded[s : s + batch_size]
-            out = eval_forward(model, rows, generator, output_hidden_states=True)
+            out = eval_forward(model, rows, generator, output_hidden_states=True, think=think)
             without = mixed_logits(out.base_hidden, W_allowed).cpu()  # (B, L, U)
             with_ = mixed_logits(out.mixed_hidden, W_allowed).cpu()
             for b, row in enumerate(rows):

@@ -14,8 +14,13 @@ def require_tokenizer(model: QuietStarForCausalLM):
     return model.tokenizer
 
 
-def eval_forward(model: QuietStarForCausalLM, rows: list[list[int]], generator, **kwargs):
+def eval_forward(model: QuietStarForCausalLM, rows: list[list[int]], generator, *, think: bool = True, **kwargs):
     """One eval-mode forward on right-padded ``rows``; the outputs' row ``b`` is example ``b``.
+
+    ``think=False`` runs the base pass alone (``forward(..., think=False)``) and fills the "with
+    thoughts" fields with the plain ones (``talk_logprobs``, ``mixed_hidden``; ``mixing_weights``
+    0): for a model whose mixing head is untrained (exactly 0), the same numbers as thinking, at
+    a fraction of the cost.
 
     The eval forward runs ``eval_n_rationales`` copies of each sequence (rows ``b * P .. b * P +
     P - 1``); the first copy of each is kept (the authors evaluate with one rationale, ``P = 1``).
@@ -24,6 +29,12 @@ def eval_forward(model: QuietStarForCausalLM, rows: list[list[int]], generator, 
     cfg = model.config
     ids, mask = right_pad(rows, model.pad_token_id, min_length=max(3, cfg.eval_n_talk_tokens + 2))
     device = model.lm_head_weight.device
+    if not think:
+        out = model(ids.to(device), mask.to(device), think=False, **kwargs)
+        out.talk_logprobs = out.base_logprobs.unsqueeze(0)  # (1, B, L)
+        out.mixing_weights = torch.zeros_like(out.talk_logprobs)
+        out.mixed_hidden = out.base_hidden
+        return out
     out = model(ids.to(device), mask.to(device), generator=generator, **kwargs)
     P = cfg.eval_n_rationales
     if P == 1:

@@ -115,9 +115,11 @@ def evaluate_perplexity(
     n_buckets: int = 5,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    think: bool = True,
 ) -> PerplexityResult:
     """Perplexity without and with thoughts, and the gain from thinking by difficulty bucket, from
-    the eval forward's per-token ``base_logprobs`` and ``talk_logprobs``."""
+    the eval forward's per-token ``base_logprobs`` and ``talk_logprobs``. ``think=False``: the base
+    pass only, "with" equals "without" (:func:`~qstar.eval.forward.eval_forward`)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     tok = require_tokenizer(model)
@@ -133,7 +135,7 @@ def evaluate_perplexity(
     try:
         for s in starts:
             chunk = windows[s : s + batch_size]
-            out = eval_forward(model, [w[2] for w in chunk], generator)
+            out = eval_forward(model, [w[2] for w in chunk], generator, think=think)
             base = out.base_logprobs.double().cpu()  # (B, L): log p(x_{j+1}), 0 past the end
             talk = out.talk_logprobs[0].double().cpu()
             w = out.mixing_weights[0].float().cpu()  # (B, L)
