@@ -397,7 +397,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="HF model path/directory, a .gguf file, 'smollm2', or "
                    "'tiny' (tiny-demo's default)")  # fmt: skip
     p.add_argument("--data", default=None, help=".txt/.jsonl files or directories (comma-separated), or a "
-                   "datasets name; default: the shipped arithmetic corpus")  # fmt: skip
+                   "datasets name; default: the shipped word problems ('word-problems'), or with the tiny "
+                   "model the shipped arithmetic corpus")  # fmt: skip
     p.add_argument("--text-field", default="text", help="the text field of .jsonl records / dataset rows")
     p.add_argument("--data-split", default="train", help="the split of a datasets name")
     p.add_argument("--output-dir", default=None, help="default: runs/<preset>")
@@ -463,7 +464,7 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
     tiny_threads = 1 if args.preset == "tiny-demo" else None
     run = RunConfig(
         model=args.model or "tiny",
-        data=args.data or str(DEMO_CORPUS),
+        data=args.data or (str(DEMO_CORPUS) if args.model in (None, "tiny") else "word-problems"),
         text_field=args.text_field,
         data_split=args.data_split,
         output_dir=args.output_dir or f"runs/{args.preset}",

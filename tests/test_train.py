@@ -175,6 +175,9 @@ def test_cli_gradient_checkpointing_and_overrides():
     method, training, run = T.configs_from_args(args)
     assert method.gradient_checkpointing and method.n_rationales == 3 and training.learning_rate == 0.01
     assert run.model == "tiny" and run.output_dir == "runs/tiny-demo" and run.data.endswith("arithmetic.txt")
+    # a real model's default text is the shipped word problems (the paper trained on math text)
+    _, _, run = T.configs_from_args(T.parse_args(["--model", "smollm2"]))
+    assert run.data == "word-problems"
 
 
 def test_console_script_exits_zero(tmp_path, monkeypatch):
