@@ -643,3 +643,11 @@ def test_no_thoughts_flag_is_checked_against_the_thought_flags():
         ev.run(ev.parse_args(["--model", "tiny", "--tasks", "gsm8k-cot", "--no-thoughts"]))
     with pytest.raises(ValueError, match="--thought-temperature: no thoughts"):
         ev.run(ev.parse_args(["--model", "tiny", "--no-thoughts", "--thought-temperature", "1"]))
+
+
+def test_the_shipped_word_problems_by_name():
+    records = ev.load_gsm8k("word-problems-heldout")
+    texts = ev.load_texts("word-problems-heldout")
+    assert len(records) == len(texts) == 200
+    assert records[0]["answer"].rstrip().split("#### ")[-1].lstrip("-").isdigit()
+    assert texts[0].startswith("Q: ") and records[0]["question"] in texts[0]

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import read_jsonl_records, read_text_documents, text_field_value
+from ..data import NAMED_CORPORA, read_jsonl_records, read_text_documents, text_field_value
 
 #: the answer marker of the zero-shot direct prompts; the last one in a prompt is the answer's.
 ANSWER_MARKER = "\nA:"
@@ -50,8 +50,9 @@ def _load_dataset_rows(name: str, config: str | None, split: str, arg: str) -> l
 
 
 def _load_records(source: str, config: str | None, split: str, arg: str) -> list[tuple[str, dict]]:
-    """(where, record) pairs from a local .jsonl file or a ``datasets`` name."""
-    path = Path(source).expanduser()
+    """(where, record) pairs from a local .jsonl file, a shipped corpus by name (``word-problems``,
+    ``word-problems-heldout``) or a ``datasets`` name."""
+    path = Path(NAMED_CORPORA.get(source, source)).expanduser()
     if path.is_file():
         if path.suffix not in (".jsonl", ".json"):
             raise ValueError(f"{arg} {source!r}: expected a .jsonl file, got {path.suffix!r}")
@@ -121,9 +122,10 @@ def load_csqa(
 
 
 def load_texts(source: str, *, text_field: str = "text", arg: str = "--text") -> list[str]:
-    """Documents of a ``.txt`` file (separated by blank lines) or a ``.jsonl`` file (``text_field``)."""
+    """Documents of a ``.txt`` file (separated by blank lines), a ``.jsonl`` file (``text_field``) or
+    a shipped corpus by name (``word-problems``, ``word-problems-heldout``)."""
 
-    path = Path(source).expanduser()
+    path = Path(NAMED_CORPORA.get(source, source)).expanduser()
     if not path.is_file():
         raise ValueError(f"{arg} {source!r}: no such file")
     if path.suffix == ".txt":
