@@ -105,6 +105,10 @@ def test_the_shipped_word_problems_and_the_jsonl_tasks(tmp_path):
     assert len(task.train) == 10 and len(task.heldout) == 5 and len(task.exemplars) == 2
     assert {p.id for p in task.exemplars}.isdisjoint(p.id for p in task.train)
     assert all(p.gold.lstrip("-").isdigit() and p.rationale for p in task.train)
+    ages = WordProblemTask(ops=(1,), templates=("age_future",), n_exemplars=1)
+    assert all(" + " in p.rationale and "years" in p.question for p in ages.train + ages.heldout)
+    with pytest.raises(ValueError, match="--templates: unknown"):
+        WordProblemTask(templates=("nope",))
     gsm = gsm8k_task(str(FIXTURES / "gsm8k_test.jsonl"), str(FIXTURES / "gsm8k_test.jsonl"), n_exemplars=1)
     assert gsm.kind == "number" and "<<" not in gsm.exemplars[0].rationale
     csqa = csqa_task(str(FIXTURES / "csqa_validation.jsonl"), str(FIXTURES / "csqa_validation.jsonl"))

@@ -50,6 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--train-size", type=int, help="use the first N training problems (default: all)")
     a("--heldout-size", type=int, help="use the first N held-out problems (default: all)")
     a("--ops", default="1,2,3", help="word problems: the allowed numbers of operations (default 1,2,3)")
+    a(
+        "--templates",
+        help="word problems: only these templates, comma-separated (e.g. place_donation,age_future)",
+    )
+    a(
+        "--no-start-eval",
+        dest="evaluate_start",
+        action="store_false",
+        help="skip evaluating the starting model",
+    )
     a("--output-dir", default=d.output_dir, help=f"default: {d.output_dir}")
     a(
         "--method",
@@ -140,8 +150,9 @@ def config_from_args(args: argparse.Namespace) -> StarConfig:
         raise ValueError(
             f"--ops must be comma-separated numbers of operations (1, 2, 3), got {args.ops!r}"
         ) from None
-    fields = {k: v for k, v in vars(args).items() if k != "ops"}
-    config = StarConfig(ops=ops, **fields)
+    fields = {k: v for k, v in vars(args).items() if k not in ("ops", "templates")}
+    templates = tuple(t.strip() for t in args.templates.split(",") if t.strip()) if args.templates else None
+    config = StarConfig(ops=ops, templates=templates, **fields)
     config.validate()
     check_output_dir("--output-dir", config.output_dir)
     return config

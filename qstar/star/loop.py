@@ -69,6 +69,8 @@ class StarConfig:
     train_size: int | None = None
     heldout_size: int | None = None
     ops: tuple[int, ...] = (1, 2, 3)
+    #: word problems: only these templates (None: all).
+    templates: tuple[str, ...] | None = None
     output_dir: str = "runs/star"
     method: str = "star"
     iterations: int = 3
@@ -103,6 +105,8 @@ class StarConfig:
     cpu_threads: int | None = None
     progress: bool = True
     plot: bool = True
+    #: evaluate the starting model (iteration 0, the few-shot baseline); off when another run did.
+    evaluate_start: bool = True
     resume: bool = False
     overwrite: bool = False
     #: fields that may differ on resume (everything else must match the saved config).
@@ -157,6 +161,7 @@ class StarConfig:
         d = dataclasses.asdict(self)
         d.pop("resumable_changes")
         d["ops"] = list(self.ops)
+        d["templates"] = None if self.templates is None else list(self.templates)
         return d
 
 
@@ -611,6 +616,7 @@ def run_star(config: StarConfig, task: Task | None = None) -> StarResult:
             n_train=config.train_size,
             n_heldout=config.heldout_size,
             ops=config.ops,
+            templates=config.templates,
         )
     if not task.heldout:
         raise ValueError(f"task {task.name!r}: the held-out set is empty")
@@ -621,7 +627,7 @@ def run_star(config: StarConfig, task: Task | None = None) -> StarResult:
     try:
         run = _Run(config, task)
         run.prepare()
-        if not run.done(0, "eval"):
+        if config.evaluate_start and not run.done(0, "eval"):
             run.evaluate(0)
             run.report()
         last = 1 if config.method == "direct" else config.iterations

@@ -179,18 +179,37 @@ def _word_problem(rec: dict) -> Problem:
 
 
 class WordProblemTask(Task):
-    """The shipped word problems (``qstar/demo_data/word_problems_{train,heldout}.jsonl``), optionally
-    only those with ``ops`` operations: the first ``n_exemplars`` training problems are the exemplars
-    (their own worked solutions as rationales) and are left out of the training set."""
+    """The shipped word problems (``qstar/demo_data/word_problems_{train,heldout}.jsonl``, or the
+    records ``train`` / ``heldout`` of :func:`qstar.word_problems.generate_problems`), optionally only
+    those with ``ops`` operations and of the ``templates`` named: the first ``n_exemplars`` training
+    problems are the exemplars (their own worked solutions as rationales) and are left out of the
+    training set."""
 
     def __init__(
-        self, *, ops=(1, 2, 3), n_train=None, n_heldout=None, n_exemplars: int = 4, train=None, heldout=None
+        self,
+        *,
+        ops=(1, 2, 3),
+        templates=None,
+        n_train=None,
+        n_heldout=None,
+        n_exemplars: int = 4,
+        train=None,
+        heldout=None,
     ):
+        from ..word_problems import TEMPLATES
+
         ops = tuple(ops)
         if not ops or any(k not in (1, 2, 3) for k in ops):
             raise ValueError(f"--ops must be some of 1, 2, 3 (operations per problem), got {ops!r}")
-        train_recs = [r for r in (train or load_split("train")) if r["n_ops"] in ops]
-        heldout_recs = [r for r in (heldout or load_split("heldout")) if r["n_ops"] in ops]
+        unknown = sorted(set(templates or ()) - set(TEMPLATES))
+        if unknown:
+            raise ValueError(f"--templates: unknown {unknown}; known: {sorted(TEMPLATES)}")
+
+        def wanted(r):
+            return r["n_ops"] in ops and (not templates or r["template"] in templates)
+
+        train_recs = [r for r in (train or load_split("train")) if wanted(r)]
+        heldout_recs = [r for r in (heldout or load_split("heldout")) if wanted(r)]
         if n_exemplars < 0 or n_exemplars >= len(train_recs):
             raise ValueError(f"--exemplars {n_exemplars}: expected 0 .. {len(train_recs) - 1}")
         problems = [_word_problem(r) for r in train_recs]
@@ -354,6 +373,7 @@ def make_task(
     n_train: int | None = None,
     n_heldout: int | None = None,
     ops=(1, 2, 3),
+    templates=None,
 ) -> Task:
     """The task ``name`` (one of :data:`TASKS`) over its files; the word problems need none."""
     if name not in TASKS:
@@ -366,6 +386,7 @@ def make_task(
             )
         return WordProblemTask(
             ops=ops,
+            templates=templates,
             n_train=n_train,
             n_heldout=n_heldout,
             n_exemplars=4 if n_exemplars is None else n_exemplars,
