@@ -10,6 +10,7 @@ The fine-tunes are real (the trainer, on the tiny model, a few steps).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def test_the_loss_counts_only_rationale_and_answer_tokens():
     model = tiny(torch.float64)
     examples = [("Q: What is 3 plus 2?\nA:", " 3 + 2 = 5.\nThe answer is 5."), ("Q: 7?\nA:", " 7.")]
     objective = StarObjective(examples)
-    rows = objective.dataset(None, get_preset("tiny-demo").training, model.tokenizer)
+    training = dataclasses.replace(get_preset("tiny-demo").training, batch_size=2, micro_batch_size=2)
+    rows = objective.dataset(None, training, model.tokenizer)
     out = objective(model, rows, torch.Generator())
     logits = model.base_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
     target = rows["labels"][:, 1:]
@@ -163,6 +165,14 @@ def test_the_loss_counts_only_rationale_and_answer_tokens():
     assert out.n_tokens == sum(
         len(model.tokenizer.encode(c + "\n\n", add_special_tokens=False)) for _, c in examples
     )
+
+
+def test_fewer_examples_than_a_batch_are_repeated_to_fill_one():
+    tok = tiny().tokenizer
+    training = get_preset("tiny-demo").training  # batch_size 8
+    rows = StarObjective([("Q: 1?\nA:", " 1."), ("Q: 22?\nA:", " 22.")]).dataset(None, training, tok)
+    assert rows["input_ids"].shape[0] == 8
+    assert torch.equal(rows["labels"][:2], rows["labels"][6:])
 
 
 def test_the_step_schedule_grows():

@@ -15,8 +15,9 @@ right answer, rationalize the misses with the answer as a hint, fine-tune on wha
 
 from __future__ import annotations
 
+from .config import StarConfig
 from .finetune import StarObjective, build_rows, steps_for_iteration
-from .loop import StarConfig, StarResult, run_star
+from .loop import StarResult, run_star
 from .tasks import (
     Problem,
     Task,

@@ -18,7 +18,8 @@ import argparse
 import logging
 
 from ..cli import ArgumentParser, check_output_dir, run_cli
-from .loop import METHODS, StarConfig, run_star
+from .config import METHODS, StarConfig
+from .loop import run_star
 from .tasks import TASKS
 
 __all__ = ["cli", "main", "parse_args"]
@@ -129,12 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--precision", default=d.precision, choices=("fp32", "bf16-mixed", "bf16"))
     a("--seed", type=int, default=d.seed)
     a("--device", default=None)
-    a(
-        "--distributed",
-        default=d.distributed,
-        choices=("none", "auto", "ddp", "fsdp2"),
-        help="the fine-tune's (sampling runs in this process)",
-    )
     a("--cpu-threads", type=int, default=None)
     a("--no-progress", dest="progress", action="store_false")
     a("--no-plot", dest="plot", action="store_false")

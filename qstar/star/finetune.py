@@ -14,6 +14,7 @@ loop is told to continue from the previous one (:mod:`qstar.star.loop`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ import torch
 from ..config import RunConfig, TrainingConfig
 from ..forward_inputs import IGNORE
 from ..objective import NextTokenObjective
+
+log = logging.getLogger("qstar.star")
 
 __all__ = ["StarObjective", "build_rows", "steps_for_iteration"]
 
@@ -86,5 +89,13 @@ class StarObjective(NextTokenObjective):
         self.dropped = 0
 
     def dataset(self, run: RunConfig, training: TrainingConfig, tokenizer) -> dict[str, torch.Tensor]:
+        """The rows of :func:`build_rows`; fewer rows than one batch (an early iteration may keep only
+        a few rationales) are repeated until they fill one: the trainer's sampler needs a batch."""
         rows, self.dropped = build_rows(self.examples, tokenizer, training.seq_len)
+        n = len(rows["input_ids"])
+        if n < training.batch_size:
+            reps = math.ceil(training.batch_size / n)
+            log.warning("%d training examples, fewer than one batch of %d: each is repeated %d times", n,
+                        training.batch_size, reps)  # fmt: skip
+            rows = {k: v.repeat(reps, 1) for k, v in rows.items()}  # (reps * n, L) each
         return rows

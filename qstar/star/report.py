@@ -18,7 +18,7 @@ from ..durable import write_atomic
 
 __all__ = ["FIELDS", "plot_report", "write_report"]
 
-#: the report's columns, in order (``docs/star.md``, "The report" says what each one means).
+#: the report's columns, in order (``docs/star.md``, "Files, the report, resume" says what each one means).
 FIELDS = (
     "iteration",
     "train_problems",
