@@ -432,6 +432,10 @@ def test_bad_data_and_settings(tmp_path):
         make_task("gsm8k", train=str(nohash), heldout=str(nohash))
     with pytest.raises(ValueError, match="needs --train and --heldout"):
         make_task("csqa")
+    with pytest.raises(ValueError, match=r"the training set repeats the problem id\(s\) \['a'\]"):
+        Task("x", "number", [Problem("a", "q", "1"), Problem("a", "r", "2")], [], [])
+    with pytest.raises(ValueError, match="answers must be capital letters"):
+        Task("x", "letter", [Problem("a", "q", "b")], [], [])
     with pytest.raises(ValueError, match="the training set is empty"):
         Task("x", "number", [], [], [])
     with pytest.raises(ValueError, match="--train-size 5000: only"):
@@ -466,3 +470,58 @@ def test_the_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert status == 2 and len(err) == 1 and err[0].startswith("qstar-star: error: --train")
     assert cli(["--ops", "one"]) == 2
     assert "--ops must be" in capsys.readouterr().err
+
+
+def answer_key(task: Task):
+    """A script that answers right for every other training problem of ``task`` (by its question)."""
+    gold = {p.question: (k, p.gold) for k, p in enumerate(task.train + task.heldout)}
+
+    def script(question: str, hinted: bool, j: int, label: str) -> str:
+        k, g = gold[question.split(" (Hint:")[0]]
+        if k % 2 == 0 or hinted:
+            return f" Because of that, it is {g if task.kind == 'number' else f'({g})'}.\nThe answer is {g}."
+        return " I do not know.\nThe answer is 0." if task.kind == "number" else " The answer is (A)."
+
+    return script
+
+
+def test_the_cli_runs_gsm8k_and_csqa_jsonl(tmp_path, monkeypatch, capsys):
+    for name, path in (("gsm8k", "gsm8k_test.jsonl"), ("csqa", "csqa_validation.jsonl")):
+        data = str(FIXTURES / path)
+        n_shots = 1
+        task = make_task(name, train=data, heldout=data, n_exemplars=n_shots)
+        monkeypatch.setattr(loop, "sample_batches", scripted(answer_key(task)))
+        out = tmp_path / name
+        args = [
+            "--task",
+            name,
+            "--train",
+            data,
+            "--heldout",
+            data,
+            "--exemplars",
+            str(n_shots),
+            "--output-dir",
+            str(out),
+            "--iterations",
+            "1",
+            "--samples",
+            "1",
+            "--majority-samples",
+            "0",
+            "--steps",
+            "1",
+            "--train-batch-size",
+            "2",
+            "--micro-batch-size",
+            "2",
+            "--seq-len",
+            "160",
+            "--no-progress",
+            "--no-plot",
+        ]
+        assert cli(args) == 0, capsys.readouterr().err
+        report = json.loads((out / "report.json").read_text())["iterations"]
+        assert [r["iteration"] for r in report] == [0, 1] and report[1]["dataset_size"] == len(task.train)
+        examples = read_jsonl(out / "iteration-1" / "examples.jsonl")
+        assert all("hint" not in e["prompt"].lower() for e in examples)

@@ -14,7 +14,9 @@ def require_tokenizer(model: QuietStarForCausalLM):
     return model.tokenizer
 
 
-def eval_forward(model: QuietStarForCausalLM, rows: list[list[int]], generator, *, think: bool = True, **kwargs):
+def eval_forward(
+    model: QuietStarForCausalLM, rows: list[list[int]], generator, *, think: bool = True, **kwargs
+):
     """One eval-mode forward on right-padded ``rows``; the outputs' row ``b`` is example ``b``.
 
     ``think=False`` runs the base pass alone (``forward(..., think=False)``) and fills the "with

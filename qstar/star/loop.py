@@ -103,7 +103,7 @@ class _Run:
         self.out = Path(config.output_dir)
         self.state_path = self.out / "state.json"
         self.state = {"version": STATE_VERSION, "iterations": {}}
-        self.by_id = {p.id: p for p in task.train + task.heldout}
+        self.by_id = {p.id: p for p in task.train}  # the training examples' problems
         self._model = None  # (n, M_n): the last model loaded
 
     # --- state -------------------------------------------------------------------------------
@@ -411,6 +411,7 @@ class _Run:
         )
         run = RunConfig(
             model=base,
+            data=str(_it(self.out, n) / "examples.jsonl"),  # what the objective trains on (for the logs)
             output_dir=str(out),
             resume=resume,
             distributed=c.distributed,

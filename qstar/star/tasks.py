@@ -125,15 +125,23 @@ class Task:
         missing = [p.id for p in self.exemplars if not p.rationale]
         if missing:
             raise ValueError(f"task {name!r}: exemplar(s) {missing[:3]} have no rationale")
+        for which, problems in (("training", self.train), ("held-out", self.heldout)):
+            ids = [p.id for p in problems]
+            if len(set(ids)) != len(ids):
+                dup = sorted({i for i in ids if ids.count(i) > 1})
+                raise ValueError(f"task {name!r}: the {which} set repeats the problem id(s) {dup[:3]}")
         labels = {p.gold for p in self.train + self.heldout + self.exemplars}
+        #: the letters an answer may be (CommonsenseQA's A-E, more when the data has more).
+        self.letters = ""
         if kind == "letter":
             bad = sorted(g for g in labels if not re.fullmatch(r"[A-Z]", g))
             if bad:
                 raise ValueError(f"task {name!r}: answers must be capital letters, got {bad[:3]}")
+            self.letters = "".join(sorted(labels | set("ABCDE")))
 
     def extract(self, text: str) -> str | None:
         """The answer of a completion, in the form of ``Problem.gold``, or None."""
-        return extract_number(text) if self.kind == "number" else extract_letter(text)
+        return extract_number(text) if self.kind == "number" else extract_letter(text, self.letters)
 
     def is_correct(self, text: str, gold: str) -> bool:
         return self.extract(text) == gold
