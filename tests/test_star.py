@@ -525,3 +525,25 @@ def test_the_cli_runs_gsm8k_and_csqa_jsonl(tmp_path, monkeypatch, capsys):
         assert [r["iteration"] for r in report] == [0, 1] and report[1]["dataset_size"] == len(task.train)
         examples = read_jsonl(out / "iteration-1" / "examples.jsonl")
         assert all("hint" not in e["prompt"].lower() for e in examples)
+
+
+def test_the_demo_script_runs_at_toy_size(tmp_path):
+    """``experiments/star_smollm2.py --smoke``: the tiny random model never reaches a correct rationale,
+    so both STaR arms stop with that error (recorded); the direct baseline and the report still run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "star_smollm2.py"
+    spec = importlib.util.spec_from_file_location("star_smollm2", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert (
+        demo.main(
+            ["--smoke", "--work-dir", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--no-progress"]
+        )
+        == 0
+    )
+    info = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert "no correct rationale" in info["arms"]["star"]["error"] and info["arms"]["direct"]["error"] is None
+    assert [(r["arm"], r["iteration"]) for r in info["rows"]] == [("star", 0), ("direct", 1)]
+    assert info["machine"]["cores"] >= 1 and (tmp_path / "r" / "accuracy.png").is_file()
+    assert (tmp_path / "r" / "results.csv").read_text().startswith("arm,iteration,")
