@@ -393,6 +393,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(tmp_path, monkeypatch)
     other = StarConfig(**{**resumed.to_dict(), "ops": (1, 2, 3), "samples": 3})
     with pytest.raises(ValueError, match="samples: 2 -> 3"):
         run_star(other, toy_task())
+    with pytest.raises(ValueError, match="other settings \\(the problems\\)"):
+        run_star(resumed, toy_task(n_train=5))
 
 
 def test_the_direct_baseline_trains_on_answers_alone(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ samples are those of an uninterrupted run), a fine-tune resumes from its latest 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -118,8 +119,12 @@ class _Run:
             old = json.loads(saved_config.read_text())
             new = c.to_dict()
             diff = sorted(k for k in new if k not in c.resumable_changes and old.get(k) != new.get(k))
+            if self.state.get("task") not in (None, self.fingerprint()):
+                diff.append("the problems")
             if diff:
-                shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+                shown = ", ".join(
+                    k if k == "the problems" else f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4]
+                )
                 raise ValueError(
                     f"--resume: the run in {str(out)!r} was started with other settings "
                     f"({shown}); give the same ones, or start afresh with --overwrite"
@@ -141,7 +146,19 @@ class _Run:
             for p in ours:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         write_atomic(saved_config, json.dumps(c.to_dict(), indent=2) + "\n")
+        self.state["task"] = self.fingerprint()
         self.save_state()
+
+    def fingerprint(self) -> str:
+        """A hash of the task's problems (ids, questions, answers, rationales of the exemplars): a
+        resume must see the same ones."""
+        t = self.task
+        parts = [t.name, t.kind] + [
+            f"{which}|{p.id}|{p.question}|{p.gold}|{p.rationale if which == 'x' else ''}"
+            for which, ps in (("t", t.train), ("h", t.heldout), ("x", t.exemplars))
+            for p in ps
+        ]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def save_state(self) -> None:
         write_atomic(self.state_path, json.dumps(self.state, indent=2) + "\n")
