@@ -75,8 +75,7 @@ class StarConfig:
             "plot",
             "device",
             "cpu_threads",
-            "batch_size",
-        ),
+        ),  # not batch_size: a sampling phase resumes by batch index
         repr=False,
     )
 
