@@ -3,8 +3,8 @@
     python experiments/star_smollm2.py            # the demo: about 35-50 min on a 2-core CPU
     python experiments/star_smollm2.py --smoke    # the tiny random model at toy sizes (seconds): it runs
 
-Four results, each a :func:`qstar.star.run_star` run in its own directory under ``--work-dir`` (the
-checkpoints and every sample; resumable: rerunning the script continues where it stopped):
+Three runs (four results), each :func:`qstar.star.run_star` in its own directory under ``--work-dir``
+(the checkpoints and every sample; resumable: rerunning the script continues where it stopped):
 
 * ``star``: STaR with rationalization, 3 iterations. Its iteration 0 is the few-shot starting model,
   **the first baseline** (greedy and majority of 3 on the held-out problems);
@@ -154,7 +154,17 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help=f"default {RESULTS.relative_to(ROOT)}")
     p.add_argument("--overwrite", action="store_true", help="start every arm afresh")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; the sizes were measured with 1 on a busy 2-core machine)",
+    )
     args = p.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = SMOKE if args.smoke else FULL
     work = Path(args.work_dir or ROOT / "runs" / ("star_smoke" if args.smoke else "star_smollm2"))
