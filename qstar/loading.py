@@ -32,8 +32,8 @@ import torch
 
 from .checkpoint import MANIFEST, verify_checkpoint
 from .config import QuietStarConfig, get_preset
-from .model import QuietStarForCausalLM
 from .lora import LORA_META
+from .model import QuietStarForCausalLM
 from .pretrained import CONFIG_NAME, HEADS_NAME
 
 log = logging.getLogger("qstar.loading")

@@ -61,7 +61,8 @@ def require_peft():
         import peft
     except ImportError:
         raise ImportError(
-            "LoRA (--lora-r > 0) needs the peft package: pip install 'qstar-kernels[lora]' (or pip install peft)"
+            "LoRA (--lora-r > 0) needs the peft package: pip install 'qstar-kernels[lora]' "
+            "(or pip install peft)"
         ) from None
     return peft
 
@@ -90,8 +91,9 @@ def _targets(model, target_modules: str) -> list[str]:
         hits = [m for n, m in base.named_modules() if n == name or n.endswith("." + name)]
         if any(id(m) in read_directly for m in hits):
             raise ValueError(
-                f"--lora-target-modules: {name!r} is the LM head or the embeddings, which the fused ops "
-                f"read directly; expected decoder linear layers (some of {', '.join(available)}) or all-linear"
+                f"--lora-target-modules: {name!r} is the LM head or the embeddings, which the fused "
+                f"ops read directly; expected decoder linear layers (some of {', '.join(available)}) "
+                "or all-linear"
             )
         if name not in available:
             raise ValueError(
@@ -192,7 +194,8 @@ def save_lora_weights(model, directory: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {**_adapter_tensors(model), **_meta_rows(model)}
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(directory / LORA_WEIGHTS))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(directory / LORA_WEIGHTS))
     (directory / LORA_META).write_text(json.dumps(model.lora_info, indent=2, sort_keys=True) + "\n")
 
 

@@ -148,7 +148,8 @@ def _args(out: Path, steps: int, *extra: str) -> list[str]:
     return ["--preset", "tiny-demo", "--batch-size", "2", "--micro-batch-size", "1", "--seq-len", "24",
             "--n-thought-tokens", "2", "--save-every", "1", "--log-every", "1", "--output-dir", str(out),
             "--no-progress", "--no-plot", "--max-steps", str(steps), "--lora-r", "4", "--lora-alpha", "8",
-            "--lora-dropout", "0.1", "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj", *extra]  # fmt: skip
+            "--lora-dropout", "0.1", "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj",
+            *extra]  # fmt: skip
 
 
 def test_trainer_lora_checkpoints_and_exact_resume(tmp_path):
