@@ -139,7 +139,8 @@ def add_lora(
     freeze the base weights; the mixing head and the meta embeddings stay trainable. ``base`` and
     ``seed`` say how to rebuild the base model (:func:`qstar.loading.build_model`) when the saved
     adapters are loaded; without ``base`` the model saves but cannot be reloaded on its own.
-    The adapters start at zero (``lora_B = 0``): the model computes what it computed before."""
+    The adapters start at zero (``lora_B = 0``): the model computes what it computed before;
+    ``lora_A``'s random start is drawn from ``seed``."""
     peft = require_peft()
     if has_lora(model):
         raise ValueError("add_lora: the model already has LoRA adapters")
@@ -148,7 +149,9 @@ def add_lora(
     targets = _targets(model, target_modules)
     fingerprint = base_fingerprint(model.base_model)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    peft.inject_adapter_in_model(config, model.base_model, adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):  # lora_A's random init depends on the seed alone
+        torch.manual_seed(seed)
+        peft.inject_adapter_in_model(config, model.base_model, adapter_name=ADAPTER)
     for name, p in model.base_model.named_parameters():
         p.requires_grad_("lora_" in name)
     model.lora_info = {
