@@ -36,14 +36,9 @@ tokens go through each of the rollout's ``P = n_thought + n_talk + 2`` transform
 * **The peak** comes early in the backward: the last pass's backward reaches every layer, so every
   gradient exists while the activations of the other ``P - 1`` passes are still held:
   ``weights + moments + gradients + activations - the last pass's share + transients``.
-* **Gradient checkpointing** (ours, per pass) keeps only the passes' inputs, outputs and the
-  per-pass cache blocks between forward and backward, but the backward re-materialises many passes
-  at once (the KV cache's gradient and the losses on every pass's output make earlier passes'
-  recomputation run before later passes' activations are released). This term is an EMPIRICAL
-  rule, not a derivation: the measured peaks (2, 3 and 4 layers, P = 7, 10, 15) held the
-  recomputed activations of the first ``P - 1`` passes but for roughly half a layer of each, and the
-  model uses ``(1 - 1 / (2 * layers))`` of them. So at 32 layers checkpointing per pass saves little
-  (about 2% of the activations); the validation table shows how well the rule holds.
+* **Gradient checkpointing** (ours, per pass) keeps the cache blocks and each pass's input and
+  output between forward and backward; the backward recomputes one pass at a time, the last (the
+  largest) first, while the gradients of the earlier passes' cache blocks accumulate.
 
 Not modelled: the CUDA caching allocator's fragmentation, the CUDA context (~0.5 GB), bf16-mixed
 autocast's weight copies, torch.compile, and the FSDP/DDP buckets. Predictions are labelled
@@ -218,10 +213,13 @@ def predict(arch: Arch, step: Step) -> dict:
     per_pass = [layer + kv[a] + masks[a] for a in range(P)]
     activations = sum(per_pass) + outside + vocab_saved
     if step.checkpointing:
-        kept = arch.layers * 2 * arch.kv_dim * N * P * b + 2 * N * H * b * P  # cache blocks, pass in/out
-        # Measured, not derived: the backward holds the recomputed activations of the first P - 1
-        # passes but for about half a layer of each (see the module doc).
-        held = kept + outside + sum(per_pass[:-1]) * (1 - 1 / (2 * arch.layers))
+        # Between forward and backward: the cache blocks and each pass's input and output. The
+        # backward recomputes one pass at a time (the last is the largest) while the gradients of
+        # the earlier passes' cache blocks accumulate.
+        blocks = arch.layers * 2 * arch.kv_dim * N * b
+        kept = blocks * P + 2 * N * H * b * P
+        talk_heads = outside - P * norm  # the final norm runs inside the checkpointed pass
+        held = kept + talk_heads + per_pass[-1] + blocks * (P - 1)
     else:
         held = activations - per_pass[-1]
     peak = weights + moments + grads + held + transient
