@@ -7,11 +7,12 @@
 Random weights in Mistral-7B's shape (32 layers, hidden 4096, GQA 32/8, vocabulary 32000 + 2), pure
 bf16 weights and AdamW state (the authors' precision), gradient checkpointing on, the paper's
 rollout (``n_thought_tokens`` 9, ``n_talk_tokens`` 4, ``n_rationales`` 2, L = 256), full
-fine-tuning and LoRA r=16 on every linear layer. For each configuration: the paper's batch 8 (the
-model predicts 112 GB with full fine-tuning, 66 GB with LoRA; an out-of-memory error is recorded as
-the outcome where it does not fit), then the largest batch (and, where no batch fits, the largest
-length at batch 1) that the model says fits this GPU. Two optimizer steps each; the row keeps ``torch.cuda.max_memory_allocated``
-and the second step's time next to the prediction. Without a CUDA GPU it prints why and exits 0.
+fine-tuning and LoRA r=16 on every linear layer. For each configuration: the paper's batch 8
+(the model predicts 112 GB with full fine-tuning, 66 GB with LoRA; an out-of-memory error is
+recorded as the outcome where it does not fit), then the largest batch (and, where no batch fits,
+the largest length at batch 1) that the model says fits this GPU. Two optimizer steps each; the row
+keeps ``torch.cuda.max_memory_allocated`` and the second step's time next to the prediction.
+Without a CUDA GPU it prints why and exits 0.
 """
 
 from __future__ import annotations
