@@ -4,9 +4,11 @@ A ``transformers.DynamicCache`` appends on every ``update``. That is right for a
 but not when a step is recomputed in the backward (gradient checkpointing): the replay would append
 the step's keys a second time. :class:`RolloutCache` stores each step's block at its index
 (``cache.step``, set by the rollout before each pass) and returns the concatenation of blocks
-``0 .. step``; a replay of step ``a`` rewrites block ``a`` with identical values and sees exactly
-the keys the first pass saw. Only the blocks are kept, so under checkpointing the memory held between
-forward and backward is one ``L``-long block of keys and values per layer and step.
+``0 .. step``; a replay of step ``a`` sees exactly the keys the first pass saw (its own block is
+recomputed, with identical values, and used but not stored: storing it would keep the recomputed
+step's whole autograd graph, and so its activations, alive until the backward ends). Only the
+blocks are kept, so under checkpointing the memory held between forward and backward is one
+``L``-long block of keys and values per layer and step.
 
 Both caches keep one object per layer. transformers >= 4.56 builds every ``Cache`` that way and
 dispatches ``update`` to the layers itself; on 4.53 .. 4.55 :class:`_LayeredCache` does the
@@ -56,8 +58,14 @@ class _RolloutLayer(_LayerBase):
                     f"RolloutCache: step {step} replayed with keys of shape {tuple(key_states.shape)}, "
                     f"the first pass had {tuple(self.key_blocks[step].shape)}"
                 )
-            self.key_blocks[step] = key_states
-            self.value_blocks[step] = value_states
+            # Not stored: the replay's keys carry the recomputation's autograd graph, and a cache
+            # that kept them would keep every recomputed step's activations alive until the end of
+            # the backward (then checkpointing saved little). The stored block holds the same values.
+            if step == 0:
+                return key_states, value_states
+            keys = torch.cat([*self.key_blocks[:step], key_states], dim=-2)
+            values = torch.cat([*self.value_blocks[:step], value_states], dim=-2)
+            return keys, values
         else:
             raise RuntimeError(
                 f"RolloutCache: step {step} written before step {len(self.key_blocks)}; "

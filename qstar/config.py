@@ -234,6 +234,15 @@ class TrainingConfig:
     #: the NaN/Inf guard skips a step whose loss or gradient norm is not finite, and stops
     #: training with an error after this many skipped steps in a row.
     max_consecutive_skips: int = 10
+    #: LoRA (the ``lora`` extra, :mod:`qstar.lora`): the adapters' rank; 0 trains the full model.
+    #: The mixing head and the meta embeddings always train in full.
+    lora_r: int = 0
+    #: the adapters' scale is ``lora_alpha / lora_r``.
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    #: comma-separated module names of the base model (``q_proj,v_proj``), or ``all-linear`` (every
+    #: linear layer of the decoder; never the LM head or the embeddings, which the fused ops read).
+    lora_target_modules: str = "all-linear"
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -262,6 +271,17 @@ class TrainingConfig:
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (an input and its next token), got {self.seq_len}")
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_positive("lora_r", self.lora_r, allow_zero=True, integer=True)
+        _check_positive("lora_alpha", self.lora_alpha)
+        if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.lora_target_modules, str) or not [
+            m for m in self.lora_target_modules.split(",") if m.strip()
+        ]:
+            raise ValueError(
+                "lora_target_modules must be comma-separated module names or 'all-linear', "
+                f"got {self.lora_target_modules!r}"
+            )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -32,8 +32,9 @@ import torch
 
 from .checkpoint import MANIFEST, verify_checkpoint
 from .config import QuietStarConfig, get_preset
+from .lora import LORA_META
 from .model import QuietStarForCausalLM
-from .pretrained import CONFIG_NAME
+from .pretrained import CONFIG_NAME, HEADS_NAME
 
 log = logging.getLogger("qstar.loading")
 
@@ -70,7 +71,7 @@ def build_model(
             f"got {type(model).__name__}"
         )
     if checkpoint is not None:
-        return QuietStarForCausalLM.from_pretrained(str(Path(checkpoint) / "model"))
+        return _from_directory(Path(checkpoint) / "model")
     if model == "tiny":
         from .tiny import tiny_mistral, tiny_tokenizer
 
@@ -81,6 +82,33 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new heads' initialisation does not depend on the caller
         return QuietStarForCausalLM.from_base(base, tokenizer, method)
+
+
+def _from_directory(path: Path) -> QuietStarForCausalLM:
+    """A ``save_pretrained`` directory; one with LoRA adapters (``quietstar_lora.json``) rebuilds
+    its base model, adds the adapters and loads them and the heads (:mod:`qstar.lora`)."""
+    if not (path / LORA_META).is_file():
+        return QuietStarForCausalLM.from_pretrained(str(path))
+    from safetensors.torch import load_file
+
+    from .lora import add_lora, load_lora_weights, read_lora_meta
+
+    meta = read_lora_meta(path)
+    saved = json.loads((path / CONFIG_NAME).read_text())
+    model = build_model(meta["base_model"], QuietStarConfig.from_dict(saved["quietstar"]), meta["seed"])
+    ids = (model.start_id, model.end_id, model.pad_token_id)
+    if ids != (saved["start_id"], saved["end_id"], saved["pad_token_id"]):
+        raise ValueError(
+            f"{path}: the rebuilt base {meta['base_model']!r} has meta/pad ids {ids}, the adapters were "
+            f"saved with {(saved['start_id'], saved['end_id'], saved['pad_token_id'])}"
+        )
+    add_lora(
+        model, r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
+        target_modules=meta["target_modules"], base=meta["base_model"], seed=meta["seed"],
+    )  # fmt: skip
+    load_lora_weights(model, path)
+    model.load_heads_state_dict(load_file(str(path / HEADS_NAME)))
+    return model
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -309,7 +337,7 @@ def load_model(
         model = build_model(spec, get_preset("default").method, seed)
         log.warning("--model %r has no Quiet-STaR heads: evaluating it with a zero mixing head", spec)
     elif (path / CONFIG_NAME).is_file():
-        model = QuietStarForCausalLM.from_pretrained(path)
+        model = _from_directory(path)
     elif _is_authors_layout(path):
         model = QuietStarForCausalLM.from_authors_checkpoint(path, tokenizer=tok, dtype=dtype)
     elif not path.exists() and _looks_like_path(spec):

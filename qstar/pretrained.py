@@ -9,7 +9,8 @@ module never imports :mod:`qstar.model`.
 
 A directory written by :meth:`PretrainedIO.save_pretrained` holds the base model in Hugging Face
 format, the tokenizer, ``quietstar_heads.safetensors`` (meta embeddings and mixing head) and
-``quietstar_config.json`` (the method config and the meta token ids).
+``quietstar_config.json`` (the method config and the meta token ids); a model with LoRA adapters
+writes them (:mod:`qstar.lora`) instead of the base model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import QuietStarConfig
+from .lora import LORA_META
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "HEADS_NAME", "PretrainedIO", "load_tokenizer", "read_state_dict"]
 
@@ -53,12 +55,18 @@ class PretrainedIO:
             )
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """Write the base model (HF format), the tokenizer (if any), the heads and the config."""
+        """Write the base model (HF format), the tokenizer (if any), the heads and the config. With
+        LoRA adapters (:mod:`qstar.lora`) the adapters take the base model's place."""
         from safetensors.torch import save_file
 
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.base_model.save_pretrained(out, **kwargs)
+        if getattr(self, "lora_info", None) is not None:
+            from .lora import save_lora_weights
+
+            save_lora_weights(self, out)
+        else:
+            self.base_model.save_pretrained(out, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
         save_file({k: v.cpu() for k, v in self.heads_state_dict().items()}, str(out / HEADS_NAME))
@@ -84,6 +92,11 @@ class PretrainedIO:
             raise FileNotFoundError(
                 f"{meta_path} not found: not a QuietStarForCausalLM directory (for the authors' "
                 "checkpoints use QuietStarForCausalLM.from_authors_checkpoint)"
+            )
+        if (directory / LORA_META).is_file():
+            raise ValueError(
+                f"{directory} holds LoRA adapters, not a base model: load it with qstar.loading.load_model "
+                "(which rebuilds the base), or merge it first (python -m qstar.lora_merge)"
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:

@@ -4,6 +4,7 @@
     python -m qstar.train --preset default --model PATH --data corpus.jsonl --output-dir runs/x
     torchrun --nproc-per-node 2 -m qstar.train --distributed ddp ...   # or fsdp2
     python -m qstar.train --resume latest --output-dir runs/x     # continue exactly
+    python -m qstar.train ... --lora-r 16 --lora-alpha 32         # LoRA adapters (qstar.lora)
 
 One optimizer step, read top to bottom in :func:`train`:
 
@@ -64,6 +65,7 @@ from .distributed import Dist, gradient_sync, meta_copy, setup_distributed, unwr
 from .faults import fault_point
 from .interrupt import StopOnSignal
 from .loading import build_model, check_model_arg
+from .lora import add_lora, has_lora, trainable_parameters
 from .metrics import MetricsWriter, csv_fields, plot_metrics, read_metrics
 from .objective import NextTokenObjective, Objective, QuietStarObjective, non_finite
 from .run_dir import claim_output_dir
@@ -202,7 +204,12 @@ def _train(
     # Seeds: the same model on every rank; thought sampling differs per rank.
     random.seed(training.seed)
     torch.manual_seed(training.seed)
-    model = build_model(run.model, method, training.seed, checkpoint)
+    model = build_model(run.model, method, training.seed, checkpoint)  # a LoRA checkpoint has its adapters
+    if training.lora_r and not has_lora(model):
+        add_lora(
+            model, r=training.lora_r, alpha=training.lora_alpha, dropout=training.lora_dropout,
+            target_modules=training.lora_target_modules, base=run.model, seed=training.seed,
+        )  # fmt: skip
     _check_positions(model, training, method)
     tokenizer = getattr(model, "tokenizer", None)
     if training.precision == "bf16":
@@ -241,11 +248,11 @@ def _train(
         else None
     )
     if dist.is_main:
-        n_params = sum(p.numel() for p in unwrap(model).parameters())
+        n_params = trainable_parameters(unwrap(model))
         log.info(
-            "%d windows of %d tokens; %d processes (%s), %d accumulation steps of %d sequences; %s params",
-            n_rows, training.seq_len, dist.world_size, dist.mode, accum, training.micro_batch_size,
-            f"{n_params:,}",
+            "%d windows of %d tokens; %d processes (%s), %d accumulation steps of %d sequences; %s params, "
+            "%s trained", n_rows, training.seq_len, dist.world_size, dist.mode, accum,
+            training.micro_batch_size, f"{n_params['total']:,}", f"{n_params['trainable']:,}",
         )  # fmt: skip
 
     from tqdm.auto import tqdm
@@ -386,6 +393,10 @@ OVERRIDES = {
     "n_talk_tokens": ("method", "n_talk_tokens", int),
     "n_rationales": ("method", "n_rationales", int),
     "policy_loss_weight": ("method", "policy_loss_weight", float),
+    "lora_r": ("training", "lora_r", int),
+    "lora_alpha": ("training", "lora_alpha", float),
+    "lora_dropout": ("training", "lora_dropout", float),
+    "lora_target_modules": ("training", "lora_target_modules", str),
 }
 
 

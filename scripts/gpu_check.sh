@@ -4,7 +4,9 @@
 #   1. every GPU test (pytest -m gpu: Triton, CUDA, mixing/sampling, mask builder), with a JUnit XML;
 #   2. the attention benchmark on the GPU (full grid, claims checked) and the LM-head benchmark;
 #   3. whether the CUDA backend is within 1.2x of Triton on each configuration;
-#   4. one Quiet-STaR training step, ours vs the authors' way (benchmarks/train_step.py).
+#   4. one Quiet-STaR training step, ours vs the authors' way (benchmarks/train_step.py);
+#   5. a Mistral-7B-shaped model at the paper's settings, bf16, checkpointing, with and without LoRA:
+#      measured peak memory and step time next to benchmarks/memory_model.py's prediction.
 # Every step runs even if an earlier one fails; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +34,6 @@ step mask_attention "$PY" benchmarks/mask_attention.py --device cuda --full --ch
 step mixing_ce "$PY" benchmarks/mixing_ce.py --device cuda --full --out-dir "$out" --tag cuda_full
 step cuda_vs_triton "$PY" benchmarks/cuda_vs_triton.py "$out"/*.csv
 step train_step "$PY" benchmarks/train_step.py --device cuda --check --out-dir "$out" --tag cuda
+step mistral7b "$PY" benchmarks/mistral7b_gpu.py --out-dir "$out"
 echo "gpu-check: results in $out (exit status $status)"
 exit "$status"
