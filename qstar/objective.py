@@ -38,7 +38,6 @@ import torch
 
 from .config import RunConfig, TrainingConfig
 from .data import load_documents, make_windows
-from .forward_inputs import IGNORE
 
 __all__ = [
     "LOSS_PARTS",
@@ -70,6 +69,9 @@ class Objective(abc.ABC):
     panels: tuple[tuple[str, tuple[str, ...]], ...] = (("loss", ("loss",)),)
     samples_file: str | None = None
     sample_label: str = "sample"
+    #: True when a step leaves some trainable parameters without a gradient (DDP must then look
+    #: for them: ``find_unused_parameters``).
+    unused_parameters: bool = False
 
     def dataset(self, run: RunConfig, training: TrainingConfig, tokenizer) -> dict[str, torch.Tensor]:
         """``run.data``'s documents as fixed windows of ``training.seq_len`` tokens."""
@@ -179,6 +181,7 @@ class NextTokenObjective(Objective):
     """
 
     name = "next-token NLL (no thoughts)"
+    unused_parameters = True  # the mixing head and meta embeddings
     stat_names = ("loss",)
     guarded = ("loss",)
     panels = (("NLL (nats/token)", ("loss",)),)
@@ -187,9 +190,8 @@ class NextTokenObjective(Objective):
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
         labels = batch.get("labels")  # (B, L) or None
         out = model(ids, attention_mask=mask, labels=labels, think=False)
-        target = (ids if labels is None else labels)[:, 1:]  # (B, L-1)
-        n_counted = int(((target != IGNORE) & mask[:, 1:].bool()).sum())
-        return ObjectiveOutput(out.loss, out.loss.detach().double().reshape(1).cpu(), n_counted, out)
+        # n_tokens counts the real tokens read, as QuietStarObjective does (tokens/s compare)
+        return ObjectiveOutput(out.loss, out.loss.detach().double().reshape(1).cpu(), int(mask.sum()), out)
 
     def summary(self, row: dict) -> str:
         return f"nll {row['loss']:.4f}"

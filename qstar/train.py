@@ -216,7 +216,9 @@ def _train(
         model = model.to(torch.bfloat16)
     model = model.to(dist.device)
     export_template = meta_copy(model) if dist.mode == "fsdp2" and dist.is_main else None
-    model = wrap_model(model, dist, fsdp_unit=run.fsdp_unit)
+    model = wrap_model(
+        model, dist, fsdp_unit=run.fsdp_unit, find_unused_parameters=objective.unused_parameters
+    )
     optimizer, scheduler = build_optimizer(model, training, dist.device)
     generator = torch.Generator(dist.device).manual_seed(training.seed + 1 + dist.rank)
 

