@@ -448,6 +448,21 @@ def test_bad_data_and_settings(tmp_path):
         StarConfig(temperature=0.0).validate()
     with pytest.raises(ValueError, match="--samples must be an int >= 1"):
         StarConfig(samples=0).validate()
+    # the fine-tune's settings are checked before any sampling, under their flags' names
+    with pytest.raises(ValueError, match="--lr must be a finite number > 0, got -1"):
+        StarConfig(learning_rate=-1).validate()
+    with pytest.raises(ValueError, match="--step-growth must be a finite number >= 0, got nan"):
+        StarConfig(step_growth=float("nan")).validate()
+    with pytest.raises(
+        ValueError, match=r"--train-batch-size \(8\) must be a multiple of --micro-batch-size \(3\)"
+    ):
+        StarConfig(train_batch_size=8, micro_batch_size=3).validate()
+    with pytest.raises(ValueError, match=r"--exemplars must be an int in 0 \.\. 3 \(the shipped"):
+        csqa_task(
+            str(FIXTURES / "csqa_validation.jsonl"), str(FIXTURES / "csqa_validation.jsonl"), n_exemplars=4
+        )
+    with pytest.raises(ValueError, match=r"--exemplars must be an int in 0 \.\. "):
+        gsm8k_task(str(FIXTURES / "gsm8k_test.jsonl"), str(FIXTURES / "gsm8k_test.jsonl"), n_exemplars=-1)
     with pytest.raises(ValueError, match="--resume: .* holds no STaR run"):
         run_star(config(tmp_path, resume=True), toy_task())
 

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..config import PRECISIONS
+
 __all__ = ["METHODS", "StarConfig"]
 
 METHODS = ("star", "direct")
@@ -98,6 +100,22 @@ class StarConfig:
             positive(name, getattr(self, name))
         for name in ("rationalization_samples", "majority_samples", "warmup_steps", "seed"):
             positive(name, getattr(self, name), 0)
+        for name, value, low_ok in (
+            ("lr", self.learning_rate, False),
+            ("weight_decay", self.weight_decay, True),
+            ("step_growth", self.step_growth, True),
+        ):
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (value == 0 and not low_ok):
+                bound = ">= 0" if low_ok else "> 0"
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value!r}")
+        if self.train_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--train-batch-size ({self.train_batch_size}) must be a multiple of --micro-batch-size "
+                f"({self.micro_batch_size})"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
         if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < math.inf):

@@ -259,8 +259,11 @@ def gsm8k_task(
     first ``n_exemplars`` records of ``exemplars`` (else of ``train``, then left out of it)."""
     problems = _gsm8k_problems(train, "--train")
     if exemplars is not None:
-        shots = _gsm8k_problems(exemplars, "--exemplars-file")[:n_exemplars]
+        pool = _gsm8k_problems(exemplars, "--exemplars-file")
+        _check_exemplars(n_exemplars, len(pool), f"--exemplars-file {exemplars!r}")
+        shots = pool[:n_exemplars]
     else:
+        _check_exemplars(n_exemplars, len(problems) - 1, f"--train {train!r}")
         shots, problems = problems[:n_exemplars], problems[n_exemplars:]
         if not problems:
             raise ValueError(f"--train {train!r}: no problems left after the {n_exemplars} exemplars")
@@ -296,6 +299,12 @@ CSQA_EXEMPLARS = (
         "Being tired means needing rest, and at night people rest by sleeping.",
     ),
 )
+
+
+def _check_exemplars(n: int, available: int, source: str) -> None:
+    """``--exemplars n`` must be an int in ``0 .. available`` (what ``source`` holds)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= available:
+        raise ValueError(f"--exemplars must be an int in 0 .. {available} ({source}), got {n!r}")
 
 
 def csqa_question(question: str, labels: list[str], texts: list[str]) -> str:
@@ -341,7 +350,9 @@ def csqa_task(
     of :data:`CSQA_EXEMPLARS`."""
     if exemplars is not None:
         _csqa_problems(exemplars, "--exemplars-file")  # the format checks
-        raw = _csqa_raw(exemplars, "--exemplars-file")[:n_exemplars]
+        raw = _csqa_raw(exemplars, "--exemplars-file")
+        _check_exemplars(n_exemplars, len(raw), f"--exemplars-file {exemplars!r}")
+        raw = raw[:n_exemplars]
         for k, r in enumerate(raw):
             if not (isinstance(r.get("rationale"), str) and r["rationale"].strip()):
                 raise ValueError(
@@ -358,6 +369,7 @@ def csqa_task(
             for k, r in enumerate(raw)
         ]
     else:
+        _check_exemplars(n_exemplars, len(CSQA_EXEMPLARS), "the shipped CommonsenseQA exemplars")
         shots = [
             Problem(f"shot-{k}", csqa_question(q, list("ABCDE"), list(c)), a, why)
             for k, (q, c, a, why) in enumerate(CSQA_EXEMPLARS[:n_exemplars])
