@@ -30,6 +30,7 @@ import torch
 from memory_model import MISTRAL_7B, Step, largest, predict
 
 from qstar import QuietStarConfig, QuietStarForCausalLM
+from qstar.durable import write_atomic
 
 
 def build(arch, step: Step, device):
@@ -90,6 +91,8 @@ def run_one(arch, step: Step, device) -> dict:
         row["error"] = row["predicted_gb"] / row["measured_gb"] - 1
     except torch.cuda.OutOfMemoryError:
         row.update(outcome="out of memory", measured_gb=None, step_s=None)
+    except RuntimeError as err:  # e.g. a cuBLAS workspace allocation: record it, keep the other rows
+        row.update(outcome=f"error: {str(err).splitlines()[0][:200]}", measured_gb=None, step_s=None)
     finally:
         del model, opt
         gc.collect()
@@ -109,10 +112,20 @@ def main(argv=None) -> int:
     device = torch.device("cuda:0")
     arch = replace(MISTRAL_7B, layers=args.layers)
     capacity = torch.cuda.get_device_properties(device).total_memory / 1e9
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device)
     rows = []
+
+    def record(row: dict) -> None:
+        """Each row is written as soon as it is measured: a later failure or timeout keeps it."""
+        rows.append(row)
+        result = {"device": name, "capacity_gb": capacity, "arch": vars(arch), "rows": rows}
+        write_atomic(out / "mistral7b_gpu.json", json.dumps(result, indent=2) + "\n")
+
     for r in (0, 16):
         paper = Step(batch=8, precision="bf16", checkpointing=True, lora_r=r)
-        rows.append(run_one(arch, paper, device))
+        record(run_one(arch, paper, device))
         b = largest(arch, paper, capacity * 0.95, "batch")
         fitting = (
             replace(paper, batch=b)
@@ -122,12 +135,7 @@ def main(argv=None) -> int:
             )
         )
         if fitting.seq_len >= 8 and (fitting.batch, fitting.seq_len) != (8, 256):
-            rows.append(run_one(arch, fitting, device))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name(device)
-    result = {"device": name, "capacity_gb": capacity, "arch": vars(arch), "rows": rows}
-    (out / "mistral7b_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+            record(run_one(arch, fitting, device))
     print(f"wrote {out / 'mistral7b_gpu.json'}")
     return 0
 
