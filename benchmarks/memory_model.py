@@ -298,9 +298,18 @@ def main(argv=None) -> int:
     ap.add_argument("--fit", type=float, default=None, help="GB: print the largest batch and length that fit")
     ap.add_argument("--table", action="store_true", help="the docs table (all configurations)")
     args = ap.parse_args(argv)
+    for flag in ("batch", "seq_len", "n_thought", "n_talk", "n_rationales", "lora_r"):
+        value, low = getattr(args, flag), 0 if flag in ("n_thought", "lora_r") else 1
+        if value < low:
+            ap.error(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    if args.fit is not None and not args.fit > 0:
+        ap.error(f"--fit must be a number of GB > 0, got {args.fit}")
     if args.config:
-        with open(args.config) as f:
-            arch = Arch.from_hf_config(json.load(f))
+        try:
+            with open(args.config) as f:
+                arch = Arch.from_hf_config(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            ap.error(f"--config {args.config!r}: not a readable HF config.json ({type(err).__name__}: {err})")
     else:
         arch = MISTRAL_7B
     step = Step(

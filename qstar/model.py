@@ -381,8 +381,10 @@ class QuietStarForCausalLM(PretrainedIO, nn.Module):
             meta_ids=(self.start_id, self.end_id), device=self.lm_head_weight.device,
         )  # fmt: skip
         if not think:
-            if thought_tokens is not None:
-                raise ValueError("thought_tokens must be None with think=False (no thoughts are run)")
+            if thought_tokens is not None or output_logits:
+                raise ValueError(
+                    "thought_tokens and output_logits need thoughts: give neither with think=False"
+                )
             return self._read_only(input_ids, attention_mask, labels, output_hidden_states)
         roll = self._start_rollout(input_ids, attention_mask, labels, n_rat, n_talk)
         base = self.read_text(roll)

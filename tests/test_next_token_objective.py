@@ -52,8 +52,10 @@ def test_think_false_is_the_base_models_nll_forward_and_backward():
 def test_think_false_refuses_injected_thoughts():
     model = tiny_model()
     ids = torch.randint(3, 50, (1, 6))
-    with pytest.raises(ValueError, match="thought_tokens must be None with think=False"):
+    with pytest.raises(ValueError, match="give neither with think=False"):
         model(ids, thought_tokens=torch.zeros(2, 2, 6, dtype=torch.long), think=False)
+    with pytest.raises(ValueError, match="give neither with think=False"):
+        model(ids, output_logits=True, think=False)
 
 
 def test_objective_counts_only_labelled_tokens_and_leaves_the_thought_parts_alone():

@@ -21,6 +21,14 @@ COT_SUFFIX = "\nA: Let's think step by step."
 FINAL_ANSWER_TEXT = "\nTherefore, the answer (arabic numerals) is"
 
 
+def _named_or_path(source: str) -> Path:
+    """A local file of that name wins; else a shipped corpus by name; else the path as given."""
+    path = Path(source).expanduser()
+    if not path.is_file() and source in NAMED_CORPORA:
+        return NAMED_CORPORA[source]
+    return path
+
+
 def _read_jsonl(path: Path, arg: str) -> list[dict]:
     return [record for _, record in read_jsonl_records(path, arg)]
 
@@ -52,7 +60,7 @@ def _load_dataset_rows(name: str, config: str | None, split: str, arg: str) -> l
 def _load_records(source: str, config: str | None, split: str, arg: str) -> list[tuple[str, dict]]:
     """(where, record) pairs from a local .jsonl file, a shipped corpus by name (``word-problems``,
     ``word-problems-heldout``) or a ``datasets`` name."""
-    path = Path(NAMED_CORPORA.get(source, source)).expanduser()
+    path = _named_or_path(source)
     if path.is_file():
         if path.suffix not in (".jsonl", ".json"):
             raise ValueError(f"{arg} {source!r}: expected a .jsonl file, got {path.suffix!r}")
@@ -125,7 +133,7 @@ def load_texts(source: str, *, text_field: str = "text", arg: str = "--text") ->
     """Documents of a ``.txt`` file (separated by blank lines), a ``.jsonl`` file (``text_field``) or
     a shipped corpus by name (``word-problems``, ``word-problems-heldout``)."""
 
-    path = Path(NAMED_CORPORA.get(source, source)).expanduser()
+    path = _named_or_path(source)
     if not path.is_file():
         raise ValueError(f"{arg} {source!r}: no such file")
     if path.suffix == ".txt":
