@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import platform
@@ -51,6 +52,11 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qstar.durable import write_atomic  # noqa: E402
+from qstar.word_problems import load_split  # noqa: E402
+
 HELDOUT = ROOT / "qstar" / "demo_data" / "word_problems_heldout.jsonl"
 
 #: the Quiet-STaR run (and, where shared, the baseline's).
@@ -180,7 +186,7 @@ def stage_thoughts(work: Path, s: dict, n_problems: int = 32, n_show: int = 10) 
     torch.set_num_threads(s["threads"])
     model = load_model(str(work / "quietstar"))
     tok = model.tokenizer
-    texts = [json.loads(line)["text"] for line in HELDOUT.read_text().splitlines()[:n_problems]]
+    texts = [r["text"] for r in load_split("heldout")[:n_problems]]
     rows = [tok.encode(t)[: s["seq_len"]] for t in texts]
     found = []
     with torch.no_grad():
@@ -198,12 +204,31 @@ def stage_thoughts(work: Path, s: dict, n_problems: int = 32, n_show: int = 10) 
                         "w": float(o.mixing_weights[0, b, j]),
                     })  # fmt: skip
     found.sort(key=lambda r: -r["nll_without"])
-    out.write_text(json.dumps({"n_problems": n_problems, "hardest": found[:n_show]}, indent=2) + "\n")
+    write_atomic(out, json.dumps({"n_problems": n_problems, "hardest": found[:n_show]}, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """The machine, measured: CPU model, cores, memory, GPU or not."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (OSError, ValueError):
+        mem = float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}; fp32, torch {torch.__version__}"
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -213,13 +238,13 @@ def _metrics(path: Path) -> list[dict]:
 
 def stage_report(work: Path, results: Path, s: dict) -> dict:
     results.mkdir(parents=True, exist_ok=True)
-    heldout = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    heldout = load_split("heldout")
     evals = {
         n: json.loads((work / f"eval-{n}" / "eval.json").read_text())
         for n in ("untouched", "no-thoughts", "quietstar")
     }
     summary = {
-        "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, 2 cores, no GPU, fp32",
+        "machine": machine(),
         "settings": s,
         "passes_per_quietstar_window": passes_per_window(s),
         "windows": {
@@ -283,13 +308,13 @@ def stage_report(work: Path, results: Path, s: dict) -> dict:
                 f"| {cell(t['context'])} | {cell(t['thought'])} | {cell(t['next'])} | "
                 f"{t['nll_without']:.2f} | {t['nll_with']:.2f} | {t['w']:+.3f} |"
             )
-        (results / "thoughts.md").write_text("\n".join(lines) + "\n")
-    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (results / "results.csv").open("w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+        write_atomic(results / "thoughts.md", "\n".join(lines) + "\n")
+    write_atomic(results / "summary.json", json.dumps(summary, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(results / "results.csv", buf.getvalue())
     plot(work, results, summary)
     return summary
 
