@@ -564,3 +564,18 @@ def test_the_demo_script_runs_at_toy_size(tmp_path):
     assert [(r["arm"], r["iteration"]) for r in info["rows"]] == [("star", 0), ("direct", 1)]
     assert info["machine"]["cores"] >= 1 and (tmp_path / "r" / "accuracy.png").is_file()
     assert (tmp_path / "r" / "results.csv").read_text().startswith("arm,iteration,")
+
+
+def test_csqa_exemplars_file_keeps_rationales_and_refuses_a_missing_one(tmp_path):
+    data = [json.loads(line) for line in (FIXTURES / "csqa_validation.jsonl").read_text().splitlines()]
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text(
+        "".join(json.dumps({**r, "rationale": f"Because {k}."}) + "\n" for k, r in enumerate(data))
+    )
+    fixture = str(FIXTURES / "csqa_validation.jsonl")
+    task = csqa_task(fixture, fixture, exemplars=str(shots), n_exemplars=2)
+    assert [p.rationale for p in task.exemplars] == ["Because 0.", "Because 1."]
+    assert [p.id for p in task.exemplars] == ["shot-0", "shot-1"]
+    shots.write_text(json.dumps(data[0]) + "\n")
+    with pytest.raises(ValueError, match="an exemplar needs a non-empty 'rationale'"):
+        csqa_task(fixture, fixture, exemplars=str(shots), n_exemplars=1)

@@ -98,8 +98,9 @@ def load_gsm8k(
 def load_csqa(
     source: str, *, config: str | None = None, split: str = "validation", arg: str = "--csqa"
 ) -> list[dict]:
-    """CommonsenseQA records ``{"question", "choices": {"label", "text"}, "answerKey"}`` (``id`` and
-    ``question_concept`` are kept when present), from a .jsonl file or a ``datasets`` name."""
+    """CommonsenseQA records ``{"question", "choices": {"label", "text"}, "answerKey"}`` (``id``,
+    ``question_concept`` and a ``rationale``, which STaR's exemplar files carry, are kept when
+    present), from a .jsonl file or a ``datasets`` name."""
     out = []
     for where, r in _load_records(source, config, split, arg):
         _need(where, r, ("question", "choices", "answerKey"))
@@ -122,7 +123,7 @@ def load_csqa(
         if r["answerKey"] not in choices["label"]:
             raise ValueError(f"{where}: answerKey {r['answerKey']!r} is not one of {choices['label']}")
         rec = {"question": r["question"], "choices": choices, "answerKey": r["answerKey"]}
-        rec.update({k: r[k] for k in ("id", "question_concept") if k in r})
+        rec.update({k: r[k] for k in ("id", "question_concept", "rationale") if k in r})
         out.append(rec)
     if not out:
         raise ValueError(f"{arg} {source!r}: no records")

@@ -27,7 +27,7 @@ a letter). :func:`make_task` builds one from the command line's names.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..eval.data import load_csqa, load_gsm8k
@@ -326,16 +326,6 @@ def _csqa_problems(source: str, arg: str, *, need_rationale: bool = False) -> li
     return out
 
 
-def _csqa_raw(source: str, arg: str) -> list[dict]:
-    """Like :func:`load_csqa`, keeping a ``rationale`` field (exemplar files)."""
-    from ..data import read_jsonl_records
-
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"{arg} {source!r}: no such file")
-    return [r for _, r in read_jsonl_records(path, arg)]
-
-
 def csqa_task(
     train: str,
     heldout: str,
@@ -349,25 +339,9 @@ def csqa_task(
     exemplars: the first ``n_exemplars`` of ``exemplars`` (same format plus a ``"rationale"``), else
     of :data:`CSQA_EXEMPLARS`."""
     if exemplars is not None:
-        _csqa_problems(exemplars, "--exemplars-file")  # the format checks
-        raw = _csqa_raw(exemplars, "--exemplars-file")
-        _check_exemplars(n_exemplars, len(raw), f"--exemplars-file {exemplars!r}")
-        raw = raw[:n_exemplars]
-        for k, r in enumerate(raw):
-            if not (isinstance(r.get("rationale"), str) and r["rationale"].strip()):
-                raise ValueError(
-                    f"--exemplars-file {exemplars!r} record {k + 1}: an exemplar needs a "
-                    "non-empty 'rationale'"
-                )
-        shots = [
-            Problem(
-                f"shot-{k}",
-                csqa_question(r["question"], r["choices"]["label"], r["choices"]["text"]),
-                r["answerKey"].upper(),
-                r["rationale"],
-            )
-            for k, r in enumerate(raw)
-        ]
+        pool = _csqa_problems(exemplars, "--exemplars-file", need_rationale=True)
+        _check_exemplars(n_exemplars, len(pool), f"--exemplars-file {exemplars!r}")
+        shots = [replace(p, id=f"shot-{k}") for k, p in enumerate(pool[:n_exemplars])]
     else:
         _check_exemplars(n_exemplars, len(CSQA_EXEMPLARS), "the shipped CommonsenseQA exemplars")
         shots = [
