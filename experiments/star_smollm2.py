@@ -14,12 +14,12 @@ Three runs (four results), each :func:`qstar.star.run_star` in its own directory
   iteration (the steps of one fine-tune: each STaR iteration restarts from the base model).
 
 The problems: two-number addition word problems (the ``place_donation`` and ``age_future`` templates
-of :mod:`qstar.word_problems`, one operation), the setting where the untouched model's greedy
-few-shot accuracy was measured at about 20% (``docs/real-model.md``); a spot check of this script's
-4-shot prompt on 24 of its training problems gave 9/24 greedy. They are generated with seed 2026
-and split by skeleton (:func:`qstar.word_problems.split`): 4 exemplars and 64 training problems from
-the train side, 60 held-out problems. The shipped held-out file has only 20 such problems, too few
-to tell 5 points apart.
+of :mod:`qstar.word_problems`, one operation), the setting where a 2-shot spot check had put the
+untouched model's greedy accuracy at about 20%; this script's 4-shot prompt did better: 9/24 on its
+training problems in a spot check, 0.50 on its held-out problems in the demo (``docs/star.md``).
+They are generated with seed 2026 and split by skeleton (:func:`qstar.word_problems.split`): 4
+exemplars and 64 training problems from the train side, 60 held-out problems. The shipped held-out
+file has only 20 such problems, too few to tell 5 points apart.
 
 Why these sizes (measured on the shared 2-core CPU, 1 torch thread, fp32, while another job ran): a
 4-shot sample costs about 1.1 s in batches of 16 (the prompt is ~260 tokens and its prefill
