@@ -502,19 +502,30 @@ def configs_from_args(args) -> tuple[QuietStarConfig, TrainingConfig, RunConfig]
 CONFIG_FILES = ("training", "method", "run")
 
 
+def saved_configs(run: RunConfig) -> tuple[Path, dict] | None:
+    """On ``--resume``: the checkpoint's path and its ``{training,method,run}_config.json`` (JSON
+    only); None when they cannot be found (the resume itself then reports what is wrong)."""
+    path = Path(run.output_dir) if run.resume == "latest" else Path(run.resume)
+    try:
+        if (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        return path, {
+            which: json.loads((path / f"{which}_config.json").read_text()) for which in CONFIG_FILES
+        }
+    except (OSError, ValueError):
+        return None
+
+
 def resume_overrides(args, run: RunConfig) -> list[str]:
     """On ``--resume``: one warning per given flag that the checkpoint's saved configuration
     overrides (every ``TrainingConfig`` and ``QuietStarConfig`` flag but ``--max-steps``, and
     ``--model``: the weights come from the checkpoint). Reads the checkpoint's
     ``{training,method,run}_config.json`` (JSON only); empty when they cannot be found (the resume
     itself then reports what is wrong)."""
-    path = Path(run.output_dir) if run.resume == "latest" else Path(run.resume)
-    try:
-        if (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
-        saved = {which: json.loads((path / f"{which}_config.json").read_text()) for which in CONFIG_FILES}
-    except (OSError, ValueError):
+    found = saved_configs(run)
+    if found is None:
         return []
+    path, saved = found
     given = {name: (which, fld, getattr(args, name)) for name, (which, fld, _) in OVERRIDES.items()}
     given.pop("max_steps")
     if args.gradient_checkpointing:
@@ -541,6 +552,9 @@ def main(argv=None) -> TrainResult:
     if run.resume is not None:
         for line in resume_overrides(args, run):
             log.warning("%s", line)
+        found = saved_configs(run)
+        if args.data is None and found is not None and isinstance(found[1]["run"].get("data"), str):
+            run.data = found[1]["run"]["data"]  # the default --data of a resume is the run's own
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
         return train(method, training, run, OBJECTIVES[args.objective]())
