@@ -84,6 +84,18 @@ class Arch:
     def kv_dim(self) -> int:
         return self.kv_heads * self.hd
 
+    def mistral_config(self):
+        """A ``transformers.MistralConfig`` of this shape (the vocabulary without the two meta
+        tokens, which the Quiet-STaR model adds): what the validation and the GPU check build."""
+        from transformers import MistralConfig
+
+        return MistralConfig(
+            num_hidden_layers=self.layers, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, vocab_size=self.vocab - 2,
+            sliding_window=None, max_position_embeddings=4096, attn_implementation="sdpa",
+            tie_word_embeddings=False,
+        )  # fmt: skip
+
     @classmethod
     def from_hf_config(cls, cfg, *, add_meta_tokens: bool = True) -> Arch:
         """From a transformers config object or its ``config.json`` dict."""

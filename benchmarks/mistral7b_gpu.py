@@ -34,15 +34,10 @@ from qstar.durable import write_atomic
 
 
 def build(arch, step: Step, device):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     V = arch.vocab - 2
-    cfg = MistralConfig(
-        num_hidden_layers=arch.layers, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-        num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads, vocab_size=V,
-        sliding_window=None, max_position_embeddings=4096, attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    )  # fmt: skip
+    cfg = arch.mistral_config()
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

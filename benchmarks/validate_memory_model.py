@@ -24,7 +24,7 @@ from _common import peak_extra_memory
 from _models import PAD, authors_beside
 from _report import Run, add_run_args, claim, parser
 from memory_model import Arch, Step, predict
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import MistralForCausalLM
 
 from qstar import QuietStarConfig, QuietStarForCausalLM
 
@@ -59,12 +59,7 @@ QUICK = POINTS[:1] + POINTS[6:7] + POINTS[8:9]
 def build(arch: Arch, step: Step, seed: int = 0):
     torch.manual_seed(seed)
     V = arch.vocab - 2
-    cfg = MistralConfig(
-        num_hidden_layers=arch.layers, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-        num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads, vocab_size=V,
-        sliding_window=None, max_position_embeddings=4096, attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    )  # fmt: skip
+    cfg = arch.mistral_config()
     base = MistralForCausalLM(cfg)
     base.resize_token_embeddings(V + 2, mean_resizing=False)
     method = QuietStarConfig(n_thought_tokens=step.n_thought, n_talk_tokens=step.n_talk,

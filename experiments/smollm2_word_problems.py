@@ -43,7 +43,6 @@ import csv
 import io
 import json
 import math
-import platform
 import re
 import subprocess
 import sys
@@ -53,6 +52,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import format_machine, machine_info  # noqa: E402  (the benchmarks' machine description)
 
 from qstar.durable import write_atomic  # noqa: E402
 from qstar.word_problems import load_split  # noqa: E402
@@ -212,25 +214,6 @@ def stage_thoughts(work: Path, s: dict, n_problems: int = 32, n_show: int = 10) 
 # --------------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    """The machine, measured: CPU model, cores, memory, GPU or not."""
-    import os
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (OSError, ValueError):
-        mem = float("nan")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}; fp32, torch {torch.__version__}"
-
-
 def _metrics(path: Path) -> list[dict]:
     with path.open() as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
@@ -244,7 +227,7 @@ def stage_report(work: Path, results: Path, s: dict) -> dict:
         for n in ("untouched", "no-thoughts", "quietstar")
     }
     summary = {
-        "machine": machine(),
+        "machine": format_machine(machine_info()) + ", fp32",
         "settings": s,
         "passes_per_quietstar_window": passes_per_window(s),
         "windows": {

@@ -45,14 +45,15 @@ import csv
 import io
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import machine_info  # noqa: E402  (the benchmarks' machine description)
 
 from qstar.durable import write_atomic  # noqa: E402
 from qstar.star import StarConfig, WordProblemTask, run_star  # noqa: E402
@@ -114,28 +115,6 @@ def problems(n_train: int, n_heldout: int, n_exemplars: int) -> tuple[list[dict]
         n *= 2
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def arms(s: dict) -> list[tuple[str, dict]]:
     from qstar.star import steps_for_iteration
 
@@ -181,7 +160,7 @@ def main(argv=None) -> int:
         n_heldout=s["n_heldout"],
     )
     settings = {k: v for k, v in s.items() if k not in ("n_train", "n_heldout", "n_exemplars")}
-    info = {"machine": machine(), "settings": s, "templates": TEMPLATES, "seed": SEED, "arms": {}}
+    info = {"machine": machine_info(), "settings": s, "templates": TEMPLATES, "seed": SEED, "arms": {}}
     rows: list[dict] = []
     for name, extra in arms(s):
         out = work / name

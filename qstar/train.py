@@ -516,13 +516,11 @@ def saved_configs(run: RunConfig) -> tuple[Path, dict] | None:
         return None
 
 
-def resume_overrides(args, run: RunConfig) -> list[str]:
+def resume_overrides(args, found: tuple[Path, dict] | None) -> list[str]:
     """On ``--resume``: one warning per given flag that the checkpoint's saved configuration
-    overrides (every ``TrainingConfig`` and ``QuietStarConfig`` flag but ``--max-steps``, and
-    ``--model``: the weights come from the checkpoint). Reads the checkpoint's
-    ``{training,method,run}_config.json`` (JSON only); empty when they cannot be found (the resume
-    itself then reports what is wrong)."""
-    found = saved_configs(run)
+    (``found``, from :func:`saved_configs`) overrides (every ``TrainingConfig`` and
+    ``QuietStarConfig`` flag but ``--max-steps``, and ``--model``: the weights come from the
+    checkpoint); empty when it could not be read (the resume itself then reports what is wrong)."""
     if found is None:
         return []
     path, saved = found
@@ -550,9 +548,9 @@ def main(argv=None) -> TrainResult:
     args = parse_args(argv)
     method, training, run = configs_from_args(args)
     if run.resume is not None:
-        for line in resume_overrides(args, run):
-            log.warning("%s", line)
         found = saved_configs(run)
+        for line in resume_overrides(args, found):
+            log.warning("%s", line)
         if args.data is None and found is not None and isinstance(found[1]["run"].get("data"), str):
             run.data = found[1]["run"]["data"]  # the default --data of a resume is the run's own
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())

@@ -96,6 +96,30 @@ def main(mode: str, out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+def torchrun(script: Path, mode: str, out: Path, timeout: float = 300) -> None:
+    """Run ``script MODE OUT`` under ``torchrun --nproc-per-node 2`` (gloo, 1 thread per process) in
+    its own process group, so that a hang (a collective that never completes) is killed whole; fail
+    the calling test with the output's tail on a timeout or a non-zero exit."""
+    import signal
+    import subprocess
+
+    import pytest
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), mode, str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {mode} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1], Path(sys.argv[2]))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -80,18 +78,7 @@ def test_lora_two_processes_match_one_and_train(mode, tmp_path):
     from qstar.loading import load_model
     from qstar.metrics import read_metrics
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, mode, str(tmp_path)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun {mode} timed out after 300 s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    W.torchrun(Path(__file__), mode, tmp_path)
 
     ref = lora_model().train()
     ids, thoughts = W.global_batch(W.test_method())

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,19 +55,7 @@ def reference():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2:layer"])
 def test_two_processes_match_one_and_train(mode, tmp_path, reference):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "distributed_worker.py"), mode, str(tmp_path)]  # fmt: skip
-    # Its own process group, so that a hang (a collective that never completes) is killed whole.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun {mode} timed out after 300 s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    W.torchrun(HERE / "distributed_worker.py", mode, tmp_path)
 
     got = torch.load(tmp_path / "grads.pt", weights_only=False)
     for ckpt in (False, True):
